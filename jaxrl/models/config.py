@@ -1,0 +1,103 @@
+"""One config for the decoder-only transformer, covering the Llama (Llama 2/3, Mistral, Qwen2), OPT
+and GPT-2 families; plus tiny presets for fresh models."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxrl.errors import JaxrlError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only transformer.
+
+    The families differ only in the switches below; `family` picks the HF conversion table.
+    """
+
+    family: str  # 'llama' | 'mistral' | 'qwen2' | 'opt' | 'gpt2'
+    vocab_size: int
+    hidden_size: int  # D: width of the residual stream
+    num_layers: int
+    num_heads: int  # N: query heads
+    num_kv_heads: int  # K: key/value heads (GQA when K < N)
+    head_dim: int  # H
+    intermediate_size: int  # F: MLP width
+    max_position_embeddings: int = 2048
+    norm: str = "rms"  # 'rms' | 'layer'
+    norm_eps: float = 1e-6
+    activation: str = "silu"  # 'silu' | 'relu' | 'gelu_new' | 'gelu'
+    gated_mlp: bool = True  # SwiGLU (gate * up) vs plain fc1 -> act -> fc2
+    position: str = "rope"  # 'rope' | 'learned'
+    position_offset: int = 0  # OPT stores 2 extra rows before position 0
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, object], ...] | None = None  # HF rope_parameters minus theta/type default
+    qkv_bias: bool = False
+    out_bias: bool = False  # bias on the attention output projection
+    mlp_bias: bool = False
+    pre_norm: bool = True  # False: OPT-350m's post-LN blocks (do_layer_norm_before=False)
+    final_norm: bool = True
+    embed_dim: int = 0  # E: OPT word_embed_proj_dim; 0 = hidden_size (no project_in/out)
+    tie_embeddings: bool = False
+    sliding_window: int = 0  # 0 = full attention
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise JaxrlError(f"model family {self.family!r} is not supported; use one of {sorted(FAMILIES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise JaxrlError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        for name in ("norm", "activation", "position"):
+            allowed = _CHOICES[name]
+            if getattr(self, name) not in allowed:
+                raise JaxrlError(f"model {name} {getattr(self, name)!r} is not one of {allowed}")
+
+    @property
+    def embed_width(self) -> int:
+        """E: width of the token embedding (differs from D only for some OPT models)."""
+        return self.embed_dim or self.hidden_size
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        return tuple(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "opt", "gpt2")
+_CHOICES = {
+    "norm": ("rms", "layer"),
+    "activation": ("silu", "relu", "gelu_new", "gelu"),
+    "position": ("rope", "learned"),
+}
+
+# Fresh-model presets (`model.path: tiny`): small enough for 2-core CI, dims divisible by 8 so every
+# mesh of the test suite can shard them.
+PRESETS = {
+    "tiny": dict(
+        family="llama", vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=16, intermediate_size=128, max_position_embeddings=128, norm_eps=1e-5,
+    ),
+    "small": dict(  # about 30M parameters
+        family="llama", vocab_size=32000, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4,
+        head_dim=64, intermediate_size=1408, max_position_embeddings=2048, norm_eps=1e-5,
+    ),
+    "tinyllama-1.1b": dict(
+        family="llama", vocab_size=32000, hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4,
+        head_dim=64, intermediate_size=5632, max_position_embeddings=2048, norm_eps=1e-5,
+    ),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A fresh-model config by preset name, with field overrides (e.g. the tokenizer's vocab size)."""
+    if name not in PRESETS:
+        raise JaxrlError(f"unknown model preset {name!r}; use an HF directory or one of {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,410 @@
+"""Hugging Face checkpoints in and out: `load_pretrained(path)` and `save_pretrained(model, path)`.
+
+One declarative table per family maps HF tensor names to jaxrl parameter paths ({i} = layer index),
+with a transform: 'T' transposes a torch Linear weight [out, in] to our kernel [in, out]; 'split3'
+cuts GPT-2's fused c_attn into q, k, v. Every tensor's shape is checked against the model's.
+Safetensors only: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from jaxrl.errors import JaxrlError
+from jaxrl.models.config import ModelConfig
+from jaxrl.models.safetensors_io import TensorStore
+from jaxrl.models.transformer import ScoreModel, Transformer
+from jaxrl.parallel.sharding import ModelShardings
+
+_LLAMA = [
+    ("model.embed_tokens.weight", "embed.embedding", None),
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.scale", None),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attn.q.kernel", "T"),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attn.k.kernel", "T"),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attn.v.kernel", "T"),
+    ("model.layers.{i}.self_attn.q_proj.bias", "layers.{i}.attn.q.bias", None),
+    ("model.layers.{i}.self_attn.k_proj.bias", "layers.{i}.attn.k.bias", None),
+    ("model.layers.{i}.self_attn.v_proj.bias", "layers.{i}.attn.v.bias", None),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attn.o.kernel", "T"),
+    ("model.layers.{i}.self_attn.o_proj.bias", "layers.{i}.attn.o.bias", None),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.scale", None),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate.kernel", "T"),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.up.kernel", "T"),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down.kernel", "T"),
+    ("model.layers.{i}.mlp.gate_proj.bias", "layers.{i}.mlp.gate.bias", None),
+    ("model.layers.{i}.mlp.up_proj.bias", "layers.{i}.mlp.up.bias", None),
+    ("model.layers.{i}.mlp.down_proj.bias", "layers.{i}.mlp.down.bias", None),
+    ("model.norm.weight", "final_norm.scale", None),
+]
+_OPT = [
+    ("model.decoder.embed_tokens.weight", "embed.embedding", None),
+    ("model.decoder.embed_positions.weight", "pos_embed.embedding", None),
+    ("model.decoder.project_in.weight", "project_in.kernel", "T"),
+    ("model.decoder.project_out.weight", "project_out.kernel", "T"),
+    ("model.decoder.layers.{i}.self_attn_layer_norm.weight", "layers.{i}.attn_norm.scale", None),
+    ("model.decoder.layers.{i}.self_attn_layer_norm.bias", "layers.{i}.attn_norm.bias", None),
+    ("model.decoder.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attn.q.kernel", "T"),
+    ("model.decoder.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attn.k.kernel", "T"),
+    ("model.decoder.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attn.v.kernel", "T"),
+    ("model.decoder.layers.{i}.self_attn.q_proj.bias", "layers.{i}.attn.q.bias", None),
+    ("model.decoder.layers.{i}.self_attn.k_proj.bias", "layers.{i}.attn.k.bias", None),
+    ("model.decoder.layers.{i}.self_attn.v_proj.bias", "layers.{i}.attn.v.bias", None),
+    ("model.decoder.layers.{i}.self_attn.out_proj.weight", "layers.{i}.attn.o.kernel", "T"),
+    ("model.decoder.layers.{i}.self_attn.out_proj.bias", "layers.{i}.attn.o.bias", None),
+    ("model.decoder.layers.{i}.final_layer_norm.weight", "layers.{i}.mlp_norm.scale", None),
+    ("model.decoder.layers.{i}.final_layer_norm.bias", "layers.{i}.mlp_norm.bias", None),
+    ("model.decoder.layers.{i}.fc1.weight", "layers.{i}.mlp.up.kernel", "T"),
+    ("model.decoder.layers.{i}.fc1.bias", "layers.{i}.mlp.up.bias", None),
+    ("model.decoder.layers.{i}.fc2.weight", "layers.{i}.mlp.down.kernel", "T"),
+    ("model.decoder.layers.{i}.fc2.bias", "layers.{i}.mlp.down.bias", None),
+    ("model.decoder.final_layer_norm.weight", "final_norm.scale", None),
+    ("model.decoder.final_layer_norm.bias", "final_norm.bias", None),
+]
+_GPT2 = [
+    ("transformer.wte.weight", "embed.embedding", None),
+    ("transformer.wpe.weight", "pos_embed.embedding", None),
+    ("transformer.h.{i}.ln_1.weight", "layers.{i}.attn_norm.scale", None),
+    ("transformer.h.{i}.ln_1.bias", "layers.{i}.attn_norm.bias", None),
+    # Conv1D weights are already [in, out].
+    ("transformer.h.{i}.attn.c_attn.weight", "layers.{i}.attn.{q,k,v}.kernel", "split3"),
+    ("transformer.h.{i}.attn.c_attn.bias", "layers.{i}.attn.{q,k,v}.bias", "split3"),
+    ("transformer.h.{i}.attn.c_proj.weight", "layers.{i}.attn.o.kernel", None),
+    ("transformer.h.{i}.attn.c_proj.bias", "layers.{i}.attn.o.bias", None),
+    ("transformer.h.{i}.ln_2.weight", "layers.{i}.mlp_norm.scale", None),
+    ("transformer.h.{i}.ln_2.bias", "layers.{i}.mlp_norm.bias", None),
+    ("transformer.h.{i}.mlp.c_fc.weight", "layers.{i}.mlp.up.kernel", None),
+    ("transformer.h.{i}.mlp.c_fc.bias", "layers.{i}.mlp.up.bias", None),
+    ("transformer.h.{i}.mlp.c_proj.weight", "layers.{i}.mlp.down.kernel", None),
+    ("transformer.h.{i}.mlp.c_proj.bias", "layers.{i}.mlp.down.bias", None),
+    ("transformer.ln_f.weight", "final_norm.scale", None),
+    ("transformer.ln_f.bias", "final_norm.bias", None),
+]
+TABLES = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "opt": _OPT, "gpt2": _GPT2}
+HEADS = [("lm_head.weight", "lm_head.kernel", "T"), ("score.weight", "score.kernel", "T")]
+# Buffers some checkpoints carry that are not parameters.
+_IGNORED = re.compile(r".*(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
+
+ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification"),
+    "mistral": ("MistralForCausalLM", "MistralForSequenceClassification"),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
+    "opt": ("OPTForCausalLM", "OPTForSequenceClassification"),
+    "gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
+}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                    "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json")
+
+
+# ---------------------------------------------------------------------------------------------- config
+def config_from_hf(d: dict) -> ModelConfig:
+    """ModelConfig from an HF config.json dict."""
+    family = d.get("model_type")
+    if family not in TABLES:
+        raise JaxrlError(
+            f"unsupported architecture: model_type {family!r} ({d.get('architectures')}); jaxrl supports "
+            f"{sorted(TABLES)}"
+        )
+    ids = dict(bos_token_id=d.get("bos_token_id"), pad_token_id=d.get("pad_token_id"),
+               eos_token_id=tuple(d["eos_token_id"]) if isinstance(d.get("eos_token_id"), list)
+               else d.get("eos_token_id"))
+    if family == "opt":
+        if not d.get("layer_norm_elementwise_affine", True):
+            raise JaxrlError("OPT with layer_norm_elementwise_affine=false is not supported")
+        pre = d.get("do_layer_norm_before", True)
+        return ModelConfig(
+            family="opt", vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
+            num_kv_heads=d["num_attention_heads"], head_dim=d["hidden_size"] // d["num_attention_heads"],
+            intermediate_size=d["ffn_dim"], max_position_embeddings=d["max_position_embeddings"],
+            norm="layer", norm_eps=1e-5, activation=_act(d.get("activation_function", "relu")),
+            gated_mlp=False, position="learned", position_offset=2, qkv_bias=d.get("enable_bias", True),
+            out_bias=d.get("enable_bias", True), mlp_bias=d.get("enable_bias", True), pre_norm=pre,
+            final_norm=pre and not d.get("_remove_final_layer_norm", False),
+            embed_dim=d.get("word_embed_proj_dim") or d["hidden_size"],
+            tie_embeddings=d.get("tie_word_embeddings", True), **ids,
+        )
+    if family == "gpt2":
+        if d.get("scale_attn_by_inverse_layer_idx") or d.get("reorder_and_upcast_attn"):
+            raise JaxrlError("GPT-2 with scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn is not supported")
+        return ModelConfig(
+            family="gpt2", vocab_size=d["vocab_size"], hidden_size=d["n_embd"], num_layers=d["n_layer"],
+            num_heads=d["n_head"], num_kv_heads=d["n_head"], head_dim=d["n_embd"] // d["n_head"],
+            intermediate_size=d.get("n_inner") or 4 * d["n_embd"], max_position_embeddings=d["n_positions"],
+            norm="layer", norm_eps=d.get("layer_norm_epsilon", 1e-5),
+            activation=_act(d.get("activation_function", "gelu_new")), gated_mlp=False, position="learned",
+            qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=d.get("tie_word_embeddings", True),
+            **ids,
+        )
+    rope = dict(d.get("rope_parameters") or {})
+    rope.setdefault("rope_theta", d.get("rope_theta", 10000.0))
+    if d.get("rope_scaling"):
+        rope.update(d["rope_scaling"])
+    theta = rope.pop("rope_theta")
+    if rope.get("type") and not rope.get("rope_type"):
+        rope["rope_type"] = rope.pop("type")
+    kind = rope.get("rope_type", "default")
+    if kind not in ("default", "linear", "llama3"):
+        raise JaxrlError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3)")
+    scaling = tuple(sorted(rope.items())) if kind != "default" else None
+    heads = d["num_attention_heads"]
+    window = d.get("sliding_window") or 0
+    if family == "qwen2" and not d.get("use_sliding_window", False):
+        window = 0
+    attention_bias = d.get("attention_bias", False)
+    return ModelConfig(
+        family=family, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+        num_layers=d["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=d.get("num_key_value_heads") or heads,
+        head_dim=d.get("head_dim") or d["hidden_size"] // heads, intermediate_size=d["intermediate_size"],
+        max_position_embeddings=d.get("max_position_embeddings", 2048), norm="rms",
+        norm_eps=d.get("rms_norm_eps", 1e-6), activation=_act(d.get("hidden_act", "silu")),
+        rope_theta=float(theta), rope_scaling=scaling,
+        qkv_bias=family == "qwen2" or attention_bias, out_bias=family != "qwen2" and attention_bias,
+        mlp_bias=d.get("mlp_bias", False), tie_embeddings=d.get("tie_word_embeddings", False),
+        sliding_window=window, **ids,
+    )
+
+
+def _act(name):
+    table = {"silu": "silu", "swish": "silu", "relu": "relu", "gelu_new": "gelu_new",
+             "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
+    if name not in table:
+        raise JaxrlError(f"activation {name!r} is not supported (supported: {sorted(table)})")
+    return table[name]
+
+
+def config_to_hf(cfg: ModelConfig, *, score: bool = False) -> dict:
+    """An HF config.json dict (through transformers' own config class, so every default is present)."""
+    from transformers import AutoConfig
+
+    ids = dict(bos_token_id=cfg.bos_token_id, pad_token_id=cfg.pad_token_id,
+               eos_token_id=list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id,
+               tie_word_embeddings=cfg.tie_embeddings)
+    if cfg.family == "opt":
+        kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                  num_attention_heads=cfg.num_heads, ffn_dim=cfg.intermediate_size,
+                  max_position_embeddings=cfg.max_position_embeddings, activation_function=cfg.activation,
+                  do_layer_norm_before=cfg.pre_norm, word_embed_proj_dim=cfg.embed_width,
+                  enable_bias=cfg.qkv_bias, _remove_final_layer_norm=cfg.pre_norm and not cfg.final_norm)
+    elif cfg.family == "gpt2":
+        kw = dict(vocab_size=cfg.vocab_size, n_embd=cfg.hidden_size, n_layer=cfg.num_layers,
+                  n_head=cfg.num_heads, n_inner=cfg.intermediate_size, n_positions=cfg.max_position_embeddings,
+                  layer_norm_epsilon=cfg.norm_eps, activation_function=cfg.activation)
+    else:
+        rope = {"rope_type": "default", **dict(cfg.rope_scaling or ()), "rope_theta": cfg.rope_theta}
+        kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                  num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                  head_dim=cfg.head_dim, intermediate_size=cfg.intermediate_size,
+                  max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps,
+                  hidden_act=cfg.activation, rope_parameters=rope, rope_theta=cfg.rope_theta,
+                  rope_scaling=None if cfg.rope_scaling is None else rope)
+        if cfg.family == "llama":
+            kw.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+        if cfg.family == "mistral":
+            kw.update(sliding_window=cfg.sliding_window or None)
+        if cfg.family == "qwen2":
+            kw.update(use_sliding_window=bool(cfg.sliding_window), sliding_window=cfg.sliding_window or None)
+    hf = AutoConfig.for_model(cfg.family, **kw, **ids)
+    hf.architectures = [ARCHITECTURES[cfg.family][1 if score else 0]]
+    if score:
+        hf.num_labels = 1
+    return hf.to_dict()
+
+
+# ------------------------------------------------------------------------------------------- mapping
+def _expand(cfg: ModelConfig, *, score: bool):
+    """(hf_name, our_path, transform, part) for every tensor of this model, layers expanded."""
+    rows = []
+    table = TABLES[cfg.family] + [HEADS[1] if score else HEADS[0]]
+    for hf, ours, fn in table:
+        for i in range(cfg.num_layers) if "{i}" in hf else [None]:
+            h = hf.format(i=i) if i is not None else hf
+            o = ours.replace("{i}", str(i)) if i is not None else ours
+            if fn == "split3":
+                for part, name in enumerate("qkv"):
+                    rows.append((h, o.replace("{q,k,v}", name), fn, part))
+            else:
+                rows.append((h, o, fn, 0))
+    return rows
+
+
+def _flat_params(model) -> dict[str, nnx.Variable]:
+    """'a.b.0.c' -> the nnx.Param at that path."""
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        out[".".join(str(p) for p in path)] = var
+    return out
+
+
+def _score_prefix(path: str) -> str:
+    return path[len("backbone."):] if path.startswith("backbone.") else path
+
+
+# ---------------------------------------------------------------------------------------------- load
+def load_pretrained(path: str, dtype=jnp.float32, *, kind: str = "causal_lm",
+                    shardings: ModelShardings | None = None, remat: str = "none", seed: int = 0):
+    """Loads an HF directory into a jaxrl model.
+
+    Args:
+      path: directory with config.json and model.safetensors (or a sharded index).
+      dtype: compute dtype; parameters stay fp32.
+      kind: 'causal_lm' -> `Transformer`; 'score' -> `ScoreModel` (reward model / critic). A score model
+        loaded from a causal-LM checkpoint gets a freshly initialised head (DeepSpeed-Chat's critic and
+        reward model start that way).
+      shardings: parameter layout; under `jax.set_mesh(mesh)` each tensor is placed straight onto its
+        shards (each device reads only its slice of the file).
+    Returns:
+      The model, with `source_path` recording `path` (save_pretrained copies its tokenizer from there).
+    """
+    cfg = read_config(path)
+    store = TensorStore(path)
+    score = kind == "score"
+    if kind not in ("causal_lm", "score"):
+        raise ValueError(f"kind must be 'causal_lm' or 'score', got {kind!r}")
+    cls = ScoreModel if score else Transformer
+    build = lambda: cls(cfg, rngs=nnx.Rngs(seed), dtype=dtype, shardings=shardings, remat=remat)  # noqa: E731
+    abstract = nnx.eval_shape(build)
+    graphdef, abstract_state = nnx.split(abstract)
+    params = {_score_prefix(k) if score else k: (k, v) for k, v in _flat_params(abstract).items()}
+    values = {}
+    has_head = "score.weight" in store.keys() if score else True
+    for hf_name, ours, fn, part in _expand(cfg, score=score):
+        if ours not in params:
+            continue
+        full_path, var = params.pop(ours)
+        if hf_name not in store.keys():
+            if score and ours == "score.kernel" and not has_head:
+                values[full_path] = _fresh(var)
+                continue
+            raise JaxrlError(f"{path}: checkpoint lacks tensor {hf_name} (needed for {ours})")
+        values[full_path] = _load_tensor(store, hf_name, fn, part, var, path)
+    if params:
+        raise JaxrlError(f"{path}: no checkpoint tensor for parameters {sorted(params)}")
+    flat = dict(nnx.to_flat_state(abstract_state))
+    for key in list(flat):
+        name = ".".join(str(p) for p in key)
+        if name in values:
+            flat[key] = flat[key].replace(values[name])
+    state = nnx.from_flat_state(flat)
+    model = nnx.merge(graphdef, state)
+    model.source_path = path
+    return model
+
+
+def read_config(path: str) -> ModelConfig:
+    if not os.path.isdir(path):
+        raise JaxrlError(f"model directory {path} does not exist (give an HF directory or a preset name)")
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_file):
+        raise JaxrlError(f"{path} has no config.json: not an HF model directory")
+    with open(cfg_file) as f:
+        return config_from_hf(json.load(f))
+
+
+def _load_tensor(store: TensorStore, name, fn, part, var, path):
+    """One parameter, read slice by slice onto its sharding (no full replica on one device)."""
+    src = store.get(name)
+    want = tuple(var.shape)
+    if fn == "T":
+        src = src.T
+    elif fn == "split3":
+        src = np.split(src, 3, axis=-1)[part]
+    if tuple(src.shape) != want:
+        raise JaxrlError(f"{path}: tensor {name} has shape {tuple(store.shape(name))}, expected "
+                         f"{want if fn != 'T' else want[::-1]} for this config")
+    sharding = _concrete_sharding(var)
+    dtype = var.dtype
+    if sharding is None:
+        return jnp.asarray(np.asarray(src, dtype=dtype))
+    return jax.make_array_from_callback(want, sharding, lambda idx: np.asarray(src[idx], dtype=dtype))
+
+
+def _concrete_sharding(var):
+    """The NamedSharding an abstract parameter asks for, on the devices of the mesh in context."""
+    sharding = getattr(var.get_value(), "sharding", None)
+    if sharding is None:
+        return None
+    return NamedSharding(jax.sharding.get_mesh(), sharding.spec)
+
+
+def _fresh(var):
+    """A newly initialised score head: zeros, like a head whose first scores carry no preference."""
+    sharding = _concrete_sharding(var)
+    value = jnp.zeros(var.shape, var.dtype)
+    return jax.device_put(value, sharding) if sharding is not None else value
+
+
+# ---------------------------------------------------------------------------------------------- save
+def save_pretrained(model, path: str, *, tokenizer=None, dtype=np.float32) -> None:
+    """Writes `model` as an HF directory (config.json, model.safetensors, tokenizer files).
+
+    A `Transformer` becomes `...ForCausalLM`, a `ScoreModel` `...ForSequenceClassification` with one label.
+    The directory is written next to `path` and renamed into place, so a crash leaves no half-written
+    model. Only process 0 writes; every process must call it (parameters are gathered collectively).
+    """
+    from safetensors.numpy import save_file
+
+    score = isinstance(model, ScoreModel)
+    cfg = model.config
+    tensors = {}
+    params = {(_score_prefix(k) if score else k): v for k, v in _flat_params(model).items()}
+    for hf_name, ours, fn, part in _expand(cfg, score=score):
+        if ours not in params:
+            continue
+        value = _to_host(params[ours].get_value())
+        if fn == "T":
+            tensors[hf_name] = np.ascontiguousarray(value.T)
+        elif fn == "split3":
+            tensors.setdefault(hf_name, [None] * 3)[part] = value
+        else:
+            tensors[hf_name] = value
+    tensors = {k: np.ascontiguousarray(np.concatenate(v, axis=-1) if isinstance(v, list) else v).astype(dtype)
+               for k, v in tensors.items()}
+    if jax.process_index() != 0:
+        return
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+    try:
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        hf_cfg = config_to_hf(cfg, score=score)
+        hf_cfg["dtype"] = np.dtype(dtype).name if dtype != np.float32 else "float32"
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_cfg, f, indent=2)
+        _save_tokenizer(model, tokenizer, tmp)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _to_host(x) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def _save_tokenizer(model, tokenizer, out):
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+        return
+    src = getattr(model, "source_path", None) or getattr(getattr(model, "backbone", None), "source_path", None)
+    if src:
+        for name in _TOKENIZER_FILES:
+            if os.path.exists(os.path.join(src, name)):
+                shutil.copy(os.path.join(src, name), out)

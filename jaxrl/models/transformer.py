@@ -1,0 +1,343 @@
+"""The decoder-only transformer (Flax NNX) behind every model role: actor, reference, critic, reward.
+
+Shapes: B batch, T query length, S key length (T without a cache, the cache length with one), D model
+width, E embedding width, V vocab, N query heads, K key/value heads, H head dim, F MLP width.
+
+Parameters are created with `out_sharding` from a `ModelShardings`, so a model built under
+`jax.set_mesh(mesh)` has parameters born sharded. Weights are kept in `param_dtype` (fp32 master) and
+cast to the compute `dtype` where they are used; norms and softmax run in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from jaxrl.models.config import ModelConfig
+from jaxrl.parallel.sharding import ModelShardings, current_mesh, fit_spec
+
+INIT_STD = 0.02
+
+
+def _param(rngs, shape, spec: P, *, init="normal", dtype=jnp.float32) -> nnx.Param:
+    """A parameter of `shape`, sharded by `spec` when a mesh is set (axes that do not divide drop out)."""
+    mesh = current_mesh()
+    if init == "normal":
+        value = INIT_STD * jax.random.normal(rngs.params(), shape, dtype)
+    else:
+        value = (jnp.ones if init == "ones" else jnp.zeros)(shape, dtype)
+    if mesh is None:
+        return nnx.Param(value)
+    return nnx.Param(value, out_sharding=fit_spec(spec, shape, mesh))
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias), kernel [in, out]; an optional LoRA branch adds (alpha/r) * x @ A @ B."""
+
+    def __init__(self, din, dout, *, bias, kernel_spec, bias_spec, dtype, rngs):
+        self.kernel = _param(rngs, (din, dout), kernel_spec)
+        self.bias = _param(rngs, (dout,), bias_spec, init="zeros") if bias else None
+        self.lora = None  # set by jaxrl.models.lora.add_lora
+        self.lora_scale = 0.0
+        self.dtype = dtype
+
+    def __call__(self, x):  # x (..., in) -> (..., out)
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            y = y + self.lora_scale * self.lora(x.astype(self.dtype)).astype(self.dtype)
+        return y
+
+
+class Norm(nnx.Module):
+    """RMSNorm (Llama family) or LayerNorm (OPT, GPT-2), computed in fp32."""
+
+    def __init__(self, dim, *, kind, eps, spec, dtype, rngs):
+        self.scale = _param(rngs, (dim,), spec, init="ones")
+        self.bias = _param(rngs, (dim,), spec, init="zeros") if kind == "layer" else None
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x):  # (..., D)
+        x = x.astype(jnp.float32)
+        if self.bias is None:
+            y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+            y = y * self.scale[...]
+        else:
+            mean = jnp.mean(x, axis=-1, keepdims=True)
+            var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+            y = (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return y.astype(self.dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, num, dim, *, spec, rngs):
+        self.embedding = _param(rngs, (num, dim), spec)
+
+    def __call__(self, ids):  # (B, T) -> (B, T, dim)
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Rotary inverse frequencies [H/2], with HF's 'linear' and 'llama3' scalings."""
+    h = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
+    scaling = dict(cfg.rope_scaling or ())
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv = inv / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old_len / low, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotates x [B, T, N, H] by angle positions * inv_freq, HF's rotate-half convention."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, H/2)
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # (B, T, 1, H)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, sh: ModelShardings, dtype, rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        col = dict(kernel_spec=sh.in_dx, bias_spec=sh.bias_x, dtype=dtype, rngs=rngs)
+        self.q = Dense(d, n * h, bias=cfg.qkv_bias, **col)
+        self.k = Dense(d, k * h, bias=cfg.qkv_bias, **col)
+        self.v = Dense(d, k * h, bias=cfg.qkv_bias, **col)
+        self.o = Dense(n * h, d, bias=cfg.out_bias, kernel_spec=sh.out_xd, bias_spec=sh.vec_d,
+                       dtype=dtype, rngs=rngs)
+        self.shape = (n, k, h)
+        self.rope_cfg = cfg if cfg.position == "rope" else None  # static; frequencies built at trace time
+
+    def __call__(self, x, positions, mask, cache=None, cache_index=None):
+        """x (B, T, D); mask (B, 1, T, S) bool; cache {'k','v'}: (B, S, K, H) written at cache_index."""
+        n, k, h = self.shape
+        b, t, _ = x.shape
+        q = self.q(x).reshape(b, t, n, h)
+        key = self.k(x).reshape(b, t, k, h)
+        value = self.v(x).reshape(b, t, k, h)
+        if self.rope_cfg is not None:
+            inv_freq = rope_inv_freq(self.rope_cfg)
+            q = apply_rope(q, positions, inv_freq)
+            key = apply_rope(key, positions, inv_freq)
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            key = jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), start)
+            value = jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), start)
+            cache = {"k": key, "v": value}
+        out = jax.nn.dot_product_attention(q, key.astype(q.dtype), value.astype(q.dtype), mask=mask)
+        return self.o(out.reshape(b, t, n * h)), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, sh: ModelShardings, dtype, rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        col = dict(kernel_spec=sh.in_dx, bias_spec=sh.bias_x, dtype=dtype, rngs=rngs)
+        self.gate = Dense(d, f, bias=cfg.mlp_bias, **col) if cfg.gated_mlp else None
+        self.up = Dense(d, f, bias=cfg.mlp_bias, **col)
+        self.down = Dense(f, d, bias=cfg.mlp_bias, kernel_spec=sh.out_xd, bias_spec=sh.vec_d,
+                          dtype=dtype, rngs=rngs)
+        self.act = _ACTIVATIONS[cfg.activation]
+
+    def __call__(self, x):  # (B, T, D)
+        if self.gate is not None:
+            return self.down(self.act(self.gate(x)) * self.up(x))
+        return self.down(self.act(self.up(x)))
+
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, sh: ModelShardings, dtype, rngs):
+        norm = dict(kind=cfg.norm, eps=cfg.norm_eps, spec=sh.vec_d, dtype=dtype, rngs=rngs)
+        self.attn_norm = Norm(cfg.hidden_size, **norm)
+        self.attn = Attention(cfg, sh, dtype, rngs)
+        self.mlp_norm = Norm(cfg.hidden_size, **norm)
+        self.mlp = MLP(cfg, sh, dtype, rngs)
+        self.pre_norm = cfg.pre_norm
+
+    def __call__(self, x, positions, mask, cache=None, cache_index=None):
+        if self.pre_norm:
+            h, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index)
+            x = x + h
+            return x + self.mlp(self.mlp_norm(x)), cache
+        # OPT-350m: post-LN blocks
+        h, cache = self.attn(x, positions, mask, cache, cache_index)
+        x = self.attn_norm(x + h)
+        return self.mlp_norm(x + self.mlp(x)), cache
+
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing inside a block: recompute it all in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Transformer(nnx.Module):
+    """Decoder-only transformer: `model(input_ids, attention_mask=None) -> logits (B, T, V)` in fp32.
+
+    `forward` is the general entry point (explicit positions, KV cache); `features` gives the final
+    hidden states (B, T, E) that value and reward heads read.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 shardings: ModelShardings | None = None, lm_head: bool = True, remat: str = "none"):
+        sh = shardings or ModelShardings()
+        self.config = cfg
+        self.dtype = dtype
+        self.remat = remat
+        e, d = cfg.embed_width, cfg.hidden_size
+        self.embed = Embed(cfg.vocab_size, e, spec=sh.embed_ve, rngs=rngs)
+        self.pos_embed = (
+            Embed(cfg.max_position_embeddings + cfg.position_offset, d, spec=sh.pos_pd, rngs=rngs)
+            if cfg.position == "learned" else None
+        )
+        proj = e != d
+        self.project_in = Dense(e, d, bias=False, kernel_spec=sh.proj_ed, bias_spec=P(), dtype=dtype,
+                                rngs=rngs) if proj else None
+        self.project_out = Dense(d, e, bias=False, kernel_spec=sh.proj_de, bias_spec=P(), dtype=dtype,
+                                 rngs=rngs) if proj else None
+        self.layers = nnx.List([Block(cfg, sh, dtype, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = (
+            Norm(d, kind=cfg.norm, eps=cfg.norm_eps, spec=sh.vec_d, dtype=dtype, rngs=rngs)
+            if cfg.final_norm else None
+        )
+        self.lm_head = (
+            Dense(e, cfg.vocab_size, bias=False, kernel_spec=sh.head_ev, bias_spec=P(), dtype=dtype,
+                  rngs=rngs)
+            if lm_head and not cfg.tie_embeddings else None
+        )
+        self.has_lm_head = lm_head
+
+    def __call__(self, input_ids, attention_mask=None):
+        hidden, _ = self.forward(input_ids, attention_mask)
+        return self.logits(hidden)
+
+    def features(self, input_ids, attention_mask=None):
+        """Final hidden states (B, T, E)."""
+        return self.forward(input_ids, attention_mask)[0]
+
+    def forward(self, input_ids, attention_mask=None, *, positions=None, cache=None, cache_index=0,
+                kv_mask=None):
+        """Runs the blocks.
+
+        Args:
+          input_ids: (B, T) token ids.
+          attention_mask: (B, T) 1 for real tokens, 0 for padding (left or right); None = all real.
+          positions: (B, T) position ids; default: counted over real tokens (cumsum of the mask - 1),
+            so left-padded rows start at position 0.
+          cache: per-layer list of {'k', 'v'} (B, S, K, H); this call writes slots
+            [cache_index, cache_index + T) and attends to every slot <= its own.
+          kv_mask: (B, S) which cache slots hold real tokens (including those written now).
+        Returns:
+          hidden (B, T, E) and the updated cache (None without one).
+        """
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.int32)
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+        q_slot = cache_index + jnp.arange(t)
+        if cache is None:
+            kv_mask, k_slot = attention_mask, jnp.arange(t)
+        else:
+            k_slot = jnp.arange(cache[0]["k"].shape[1])
+        mask = k_slot[None, :] <= q_slot[:, None]  # (T, S) causal by slot
+        if self.config.sliding_window:
+            mask &= q_slot[:, None] - k_slot[None, :] < self.config.sliding_window
+        mask = mask[None, None] & kv_mask.astype(bool)[:, None, None, :]  # (B, 1, T, S)
+
+        x = self.embed(input_ids).astype(self.dtype)
+        if self.project_in is not None:
+            x = self.project_in(x)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions + self.config.position_offset).astype(self.dtype)
+
+        block_call = _block_call(self.remat)
+        new_cache = [] if cache is not None else None
+        for i, block in enumerate(self.layers):
+            x, layer_cache = block_call(block, x, positions, mask, None if cache is None else cache[i],
+                                        cache_index)
+            if cache is not None:
+                new_cache.append(layer_cache)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
+        return x, new_cache
+
+    def logits(self, hidden):
+        """(B, T, E) -> (B, T, V) fp32."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden).astype(jnp.float32)
+        table = self.embed.embedding[...].astype(self.dtype)
+        return jnp.einsum("bte,ve->btv", hidden.astype(self.dtype), table).astype(jnp.float32)
+
+    def init_cache(self, batch: int, length: int, dtype=None) -> list[dict]:
+        """An empty KV cache: per layer {'k', 'v'} of (B, S, K, H)."""
+        c = self.config
+        shape = (batch, length, c.num_kv_heads, c.head_dim)
+        dtype = dtype or self.dtype
+        return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(c.num_layers)]
+
+
+def _block_call(remat: str):
+    def call(block, *args):
+        return block(*args)
+
+    if remat == "none":
+        return call
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"model.remat must be one of none, {', '.join(REMAT_POLICIES)}; got {remat!r}")
+    return nnx.remat(call, policy=REMAT_POLICIES[remat])
+
+
+class ScoreModel(nnx.Module):
+    """Backbone + scalar head (reward model, critic): per-token values (B, T), and the sequence score
+    read at the last real token."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 shardings: ModelShardings | None = None, remat: str = "none"):
+        sh = shardings or ModelShardings()
+        self.backbone = Transformer(cfg, rngs=rngs, dtype=dtype, shardings=sh, lm_head=False, remat=remat)
+        self.score = Dense(cfg.embed_width, 1, bias=False, kernel_spec=sh.score_e1, bias_spec=P(),
+                           dtype=dtype, rngs=rngs)
+        self.config = cfg
+
+    def __call__(self, input_ids, attention_mask=None):
+        """Per-token values (B, T) fp32."""
+        return self.score(self.backbone.features(input_ids, attention_mask))[..., 0].astype(jnp.float32)
+
+    def sequence_score(self, input_ids, attention_mask):
+        """(B,) the value at each row's last real token (its EOS), for left or right padding."""
+        values = self(input_ids, attention_mask)
+        return values[jnp.arange(values.shape[0]), last_token_index(attention_mask)]
+
+
+def last_token_index(attention_mask):
+    """(B,) index of each row's last real token: the largest t with mask[b, t] = 1."""
+    t = attention_mask.shape[1]
+    return t - 1 - jnp.argmax(attention_mask[:, ::-1].astype(jnp.int32), axis=1)

@@ -1,0 +1,83 @@
+"""Where every array lives: parameter PartitionSpecs named by shape, chosen by ZeRO stage and mesh.
+
+Mesh axes are ('data', 'fsdp', 'tensor'). ZeRO partitions over the data-parallel axes ('data', 'fsdp')
+together, as DeepSpeed partitions over all data-parallel ranks:
+  stage 0: parameters, gradients and optimizer state replicated over them;
+  stage 1: optimizer state sharded over them;
+  stage 2: gradients sharded as well (reduce-scattered);
+  stage 3: parameters sharded as well (FSDP).
+'tensor' shards attention heads and MLP width (Megatron column/row split) at every stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXES = ("data", "fsdp")  # the axes a batch (and ZeRO's partitioning) is split over
+TENSOR = "tensor"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShardings:
+    """PartitionSpecs for the model's parameters, named by shape suffix.
+
+    D model width, E embedding width, V vocab, X a projection's output width (heads*head_dim or the MLP
+    width), P positions. The default is fully replicated.
+    """
+
+    embed_ve: P = P()
+    pos_pd: P = P()
+    proj_ed: P = P()  # OPT project_in [E, D]
+    proj_de: P = P()  # OPT project_out [D, E]
+    in_dx: P = P()  # column-parallel kernels: q, k, v, gate, up, fc1
+    bias_x: P = P()
+    out_xd: P = P()  # row-parallel kernels: o, down, fc2
+    vec_d: P = P()  # norms and row-parallel biases
+    head_ev: P = P()
+    score_e1: P = P()
+
+
+def model_shardings(*, shard_params: bool, tensor: bool = True) -> ModelShardings:
+    """The parameter layout: FSDP over the data axes when `shard_params` (ZeRO-3), heads/MLP over 'tensor'."""
+    f = DATA_AXES if shard_params else None
+    t = TENSOR if tensor else None
+    return ModelShardings(
+        embed_ve=P(t, f),
+        pos_pd=P(None, f),
+        proj_ed=P(None, f),
+        proj_de=P(f, None),
+        in_dx=P(f, t),
+        bias_x=P(t),
+        out_xd=P(t, f),
+        vec_d=P(),
+        head_ev=P(f, t),
+        score_e1=P(f, None),
+    )
+
+
+def fit_spec(spec: P, shape: tuple[int, ...], mesh) -> P:
+    """Drops mesh axes from `spec` on dimensions they do not divide (e.g. GPT-2's vocab of 50257)."""
+    if mesh is None or mesh.empty:
+        return spec
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        names = tuple(a for a in names if a in mesh.shape)
+        size = math.prod(mesh.shape[a] for a in names)
+        out.append(None if not names or dim % size else (names if len(names) > 1 else names[0]))
+    return P(*out)
+
+
+def named(mesh, spec: P) -> NamedSharding:
+    return NamedSharding(mesh, spec)
+
+
+def current_mesh():
+    """The mesh set by `jax.set_mesh`, or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh is None or mesh.empty else mesh
