@@ -1,0 +1,178 @@
+"""The shared loop's infrastructure: metrics writer, checkpoints, stop signals, progress lines."""
+
+import glob
+import io
+import json
+import os
+import shutil
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxrl.errors import JaxrlError
+from jaxrl.train.checkpoint import Checkpointer
+from jaxrl.train.metrics import MetricsWriter, read_metrics
+from jaxrl.train.progress import Progress
+from jaxrl.train.signals import StopSignal
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_metrics_jsonl_is_flushed_with_python_scalars(tmp_path):
+    writer = MetricsWriter(tmp_path, enabled=True, tensorboard=False)
+    writer.write(1, {"loss": jnp.float32(0.5), "reward/mean": np.float64(1.25), "tokens": np.int32(7)})
+    # Read before close: a killed run must already have the line on disk.
+    with open(tmp_path / "metrics.jsonl") as f:
+        line = json.loads(f.readline())
+    assert line == {"step": 1, "loss": 0.5, "reward/mean": 1.25, "tokens": 7}
+    assert type(line["tokens"]) is int and type(line["loss"]) is float
+    writer.write(2, {"loss": 0.25})
+    writer.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_metrics_rejects_non_scalars(tmp_path):
+    with MetricsWriter(tmp_path, enabled=True, tensorboard=False) as writer:
+        with pytest.raises(ValueError, match="loss"):
+            writer.write(1, {"loss": np.zeros(3)})
+
+
+def test_truncate_after_drops_later_steps_and_partial_line(tmp_path):
+    writer = MetricsWriter(tmp_path, enabled=True, tensorboard=False)
+    for step in range(1, 6):
+        writer.write(step, {"loss": float(step)})
+    writer.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # a run killed mid-write
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+    resumed = MetricsWriter(tmp_path, enabled=True, tensorboard=False)
+    resumed.truncate_after(3)
+    resumed.write(4, {"loss": 40.0})
+    resumed.close()
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["loss"] == 40.0
+
+
+def test_read_metrics_names_a_missing_file(tmp_path):
+    with pytest.raises(JaxrlError, match="no metrics file"):
+        read_metrics(tmp_path)
+
+
+def test_tensorboard_and_plots(tmp_path):
+    writer = MetricsWriter(tmp_path, enabled=True)
+    for step in range(1, 4):
+        writer.write(step, {"loss": 1.0 / step, "reward/mean": float(step)})
+    paths = writer.plot()
+    writer.close()
+    assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+    assert sorted(os.path.basename(p) for p in paths) == ["loss.png", "reward_mean.png"]
+    for path in paths:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+    writer = MetricsWriter(tmp_path / "run", enabled=False)
+    writer.write(1, {"loss": 1.0})
+    assert writer.plot() == []
+    writer.close()
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _sharded_state():
+    mesh = jax.make_mesh((8,), ("data",))
+    row = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+    w = jax.device_put(jnp.arange(64, dtype=jnp.float32).reshape(16, 4) / 7, row)
+    b = jax.device_put(jnp.linspace(-1, 1, 5, dtype=jnp.bfloat16), replicated)
+    return {"params": {"w": w, "b": b}, "count": jax.device_put(jnp.int32(3), replicated)}
+
+
+def _abstract(state):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def test_checkpoint_round_trip_keeps_shardings_and_bits(tmp_path):
+    state = _sharded_state()
+    extra = {"data_position": 12, "rng": np.array([0, 42], dtype=np.uint32), "loss_scale": 65536.0}
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        assert ckpt.latest_step() is None
+        assert ckpt.save(10, state, extra)
+        ckpt.wait()
+        assert ckpt.latest_step() == 10
+        restored, restored_extra = ckpt.restore(target=_abstract(state))
+    assert restored_extra == {"data_position": 12, "rng": [0, 42], "loss_scale": 65536.0}
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        assert got.sharding == want.sharding
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert restored["params"]["w"].addressable_shards[0].data.shape == (2, 4)
+
+
+def test_checkpoint_keeps_the_last_two(tmp_path):
+    state = {"x": jnp.ones(4)}
+    with Checkpointer(tmp_path, keep=2, async_save=False) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, state, {"step": step})
+        assert ckpt.all_steps() == [2, 3]
+        with pytest.raises(JaxrlError, match="available steps: \\[2, 3\\]"):
+            ckpt.restore(1)
+        _, extra = ckpt.restore(2)
+        assert extra == {"step": 2}
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    state = {"x": jnp.arange(4.0)}
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, state, {"step": 1})
+    # Orbax writes step N into "N.orbax-checkpoint-tmp" and renames it to "N" only when every process
+    # has finished; a kill before the rename leaves exactly this, complete-looking but not finalised.
+    shutil.copytree(tmp_path / "1", tmp_path / "5.orbax-checkpoint-tmp")
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        assert ckpt.latest_step() == 1
+        assert ckpt.all_steps() == [1]
+        _, extra = ckpt.restore()
+        assert extra == {"step": 1}
+
+
+def test_checkpoint_extra_must_be_json(tmp_path):
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        with pytest.raises(JaxrlError, match="JSON"):
+            ckpt.save(1, {"x": jnp.ones(2)}, {"bad": object()})
+
+
+# ---------------------------------------------------------------- signals and progress
+
+
+def test_stop_signal_catches_sigterm_and_restores_handlers():
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with StopSignal() as stop:
+        assert stop.requested is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == "SIGTERM"
+        assert stop.requested_anywhere()
+        # A second signal goes to the previous handler: pytest's SIGINT handler raises.
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_progress_prints_plain_lines_when_not_a_tty():
+    stream = io.StringIO()
+    with Progress(4, initial=0, log_every=2, show=("loss",), desc="sft", enabled=True, stream=stream) as bar:
+        for step in range(1, 5):
+            bar.update(step, {"loss": jnp.float32(0.5 / step), "hidden": 1.0})
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("sft: step 2/4 loss=0.25 (")
+    assert "it/s, eta" in lines[1] and "hidden" not in lines[1]
