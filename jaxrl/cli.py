@@ -1,0 +1,52 @@
+"""`jaxrl` command line: one entry point, one module per sub-command under jaxrl/commands/.
+
+Each command module defines `add_arguments(parser)` and `run(args) -> int`; this file only routes.
+A `JaxrlError` anywhere becomes one clear line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from jaxrl.errors import JaxrlError
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "sft": ("jaxrl.commands.train", "step 1: supervised fine-tuning"),
+    "reward": ("jaxrl.commands.train", "step 2: reward-model training (pairwise loss)"),
+    "ppo": ("jaxrl.commands.train", "step 3: PPO RLHF through the Hybrid Engine"),
+    "pipeline": ("jaxrl.commands.pipeline", "all three steps, each feeding the next"),
+    "generate": ("jaxrl.commands.generate", "generate text from an HF directory"),
+    "chat": ("jaxrl.commands.chat", "interactive chat with an HF directory"),
+    "eval-reward": ("jaxrl.commands.eval_reward", "score a preference dataset with a reward model"),
+    "plan": ("jaxrl.commands.plan", "per-device memory of a config's steps, before any run"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxrl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        _load(module).add_arguments(p)
+    return parser
+
+
+def _load(module: str):
+    return importlib.import_module(module)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(_load(args._module).run(args) or 0)
+    except JaxrlError as e:
+        print(f"jaxrl {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
