@@ -1,0 +1,648 @@
+"""Typed run configuration: frozen dataclasses, YAML files that override their defaults, and dotted
+`key=value` overrides from the command line.
+
+One `RunConfig` serves every command (`sft`, `reward`, `ppo`, `pipeline`); each reads the sections it
+needs. A YAML file holds only what differs from the defaults below:
+
+    train: {steps: 200, batch_size: 32}
+    precision: {compute: bf16}
+
+Every value is checked against its field's annotation and every section checks its ranges in
+`__post_init__`, so a bad file fails before anything runs, with a message naming the dotted key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from jaxrl.errors import JaxrlError
+from jaxrl.optim import LossScaleConfig, OptimConfig
+
+T = TypeVar("T")
+_UNION_TYPES = (typing.Union, types.UnionType)
+
+# ---------------------------------------------------------------------------------------------------
+# The generic mechanism: dict <-> nested frozen dataclasses, type checks, overrides, YAML.
+# ---------------------------------------------------------------------------------------------------
+
+
+class ConfigValueError(JaxrlError):
+    """A field value out of range. `from_dict` prefixes `field` with its section's dotted path."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field} {message}")
+        self.field = field
+        self.message = message
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+    """Raises ConfigValueError unless `ok`; the message reads as '<field> <message>'."""
+    if not ok:
+        raise ConfigValueError(field, message)
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    # get_type_hints resolves the string annotations that `from __future__ import annotations` leaves.
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in typing.get_type_hints(cls).items() if k in names}
+
+
+def config_keys(cls: type, path: str = "") -> list[str]:
+    """All dotted leaf keys of dataclass `cls`, e.g. ['model.path', ..., 'seed', 'output']."""
+    keys = []
+    for name, tp in _hints(cls).items():
+        is_section = dataclasses.is_dataclass(tp)
+        keys += config_keys(tp, _join(path, name)) if is_section else [_join(path, name)]
+    return keys
+
+
+def _unknown_key(cls: type, key: Any, path: str) -> JaxrlError:
+    valid = list(_hints(cls))
+    message = f"unknown config key '{_join(path, key)}'"
+    close = difflib.get_close_matches(str(key), valid, n=1)
+    # A key put at the wrong level (`steps: 10` for `train.steps`) is matched by its last component.
+    deeper = [k for k in config_keys(cls, path) if k.rsplit(".", 1)[-1] == str(key)]
+    if deeper or close:
+        guesses = deeper or [_join(path, close[0])]
+        message += "; did you mean " + " or ".join(f"'{g}'" for g in guesses) + "?"
+    where = f"under '{path}'" if path else "at the top level"
+    return JaxrlError(f"{message} Valid keys {where}: {', '.join(valid)}")
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return "a mapping (a config section)"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in _UNION_TYPES:
+        return " or ".join(_type_name(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return "a list [" + ", ".join(_type_name(a) for a in args) + "]"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Checks `value` against annotation `tp` and converts it (list -> tuple, int/'1e-4' -> float)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if origin in _UNION_TYPES:
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            try:
+                return _convert(value, arg, key)
+            except JaxrlError:
+                pass
+    elif origin is Literal:
+        # `type(...) is` so that True does not pass for 1 (True == 1 in Python).
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+    elif origin is tuple and isinstance(value, (list, tuple)):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) == len(value):
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-4` as a string.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is Any:
+        return value
+    elif origin is None and isinstance(tp, type):  # bool, str, ...
+        if isinstance(value, tp):
+            return value
+    elif origin is not tuple:
+        raise TypeError(f"config field '{key}' has an unsupported annotation {tp!r}")
+    raise JaxrlError(
+        f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+    )
+
+
+def from_dict(cls: type[T], d: Any, path: str = "") -> T:
+    """Builds dataclass `cls` from a mapping, recursively; keys left out keep their defaults.
+
+    Args:
+      cls: a (frozen) dataclass type whose fields may be dataclasses themselves.
+      d: a mapping of field name to value, with nested mappings for nested dataclasses.
+      path: the dotted key of `d` inside the whole config ("" at the top), for error messages.
+    Returns:
+      The validated `cls` instance.
+    Raises:
+      JaxrlError: an unknown key (with a close-match suggestion), a value of the wrong type, or a
+        value out of range; the message names the dotted key.
+    """
+    if isinstance(d, cls):
+        return d
+    if not isinstance(d, Mapping):
+        where = f"config key '{path}'" if path else "the config"
+        raise JaxrlError(f"{where} expects a mapping of keys to values, got {d!r}")
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in d.items():
+        if key not in hints:
+            raise _unknown_key(cls, key, path)
+        kwargs[key] = _convert(value, hints[key], _join(path, key))
+    try:
+        return cls(**kwargs)
+    except ConfigValueError as e:
+        raise JaxrlError(f"{_join(path, e.field)} {e.message}") from None
+    except (JaxrlError, ValueError) as e:  # sections defined in other modules (jaxrl.optim)
+        raise JaxrlError(_qualify(str(e), path)) from None
+
+
+def _qualify(message: str, path: str) -> str:
+    """Gives a message from a section defined elsewhere its full dotted key (path 'precision.loss_scale':
+    'loss_scale.hysteresis must ...' -> 'precision.loss_scale.hysteresis must ...')."""
+    parent, _, last = path.rpartition(".")
+    if message.startswith(f"{last}."):
+        return _join(parent, message)
+    return message if not path or path in message else f"{path}: {message}"
+
+
+def to_dict(cfg: Any) -> Any:
+    """`cfg` as plain YAML-ready data: sections become dicts and tuples become lists."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (tuple, list)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def _accepts(tp: Any, kind: type) -> bool:
+    """Whether annotation `tp` admits values of `kind` (str or NoneType) as themselves."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in _UNION_TYPES:
+        return any(_accepts(a, kind) for a in args)
+    if origin is Literal:
+        return all(isinstance(a, kind) for a in args)
+    return tp is kind
+
+
+def _parse_override_value(text: str, tp: Any, key: str) -> Any:
+    text = text.strip()
+    if not text:
+        return ""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise JaxrlError(f"override for '{key}': {text!r} is not a YAML value ({e})") from None
+    if value is None and _accepts(tp, type(None)):
+        return None
+    # For text fields keep what was typed: `data.split=10` or `output=2024-01-01` stay strings.
+    if not isinstance(value, (str, list, dict)) and _accepts(tp, str):
+        return text
+    return value
+
+
+def _merge_overrides(cls: type, d: dict, overrides: Sequence[str]) -> None:
+    """Writes each dotted `key=value` of `overrides` into the nested mapping `d` (in place)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise JaxrlError(
+                f"malformed override {item!r}: expected KEY=VALUE with a dotted key, e.g. train.steps=10"
+            )
+        section, node, path = cls, d, ""
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            hints = _hints(section)
+            if part not in hints:
+                raise _unknown_key(section, part, path)
+            path, tp = _join(path, part), hints[part]
+            if i == len(parts) - 1:
+                node[part] = _parse_override_value(text, tp, key)
+            elif not dataclasses.is_dataclass(tp):
+                raise JaxrlError(f"override '{key}': '{path}' is a value, not a section with keys")
+            else:
+                child = node.get(part)
+                if not isinstance(child, dict):
+                    child = node[part] = {} if child is None else to_dict(child)
+                    if not isinstance(child, dict):
+                        raise JaxrlError(f"config key '{path}' expects a mapping, got {child!r}")
+                section, node = tp, child
+
+
+def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
+    """Returns `cfg` with dotted `key=value` overrides applied, e.g. ["train.steps=10", "mesh.data=-1"].
+
+    Values are parsed as YAML scalars (or flow lists such as `[a.jsonl, b.jsonl]`) and type-checked
+    like the YAML file. All overrides are applied before validation, so `optim.grad_accum=3
+    train.batch_size=12` works whatever order they come in.
+    """
+    if not overrides:
+        return cfg
+    d = to_dict(cfg)
+    _merge_overrides(type(cfg), d, overrides)
+    return from_dict(type(cfg), d)
+
+
+def _read_yaml(path: str | os.PathLike) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise JaxrlError(f"config file '{path}' not found") from None
+    except OSError as e:
+        raise JaxrlError(f"cannot read config file '{path}': {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise JaxrlError(f"config file '{path}' is not valid YAML: {e}") from None
+    if data is None:  # an empty file (or only comments) changes nothing
+        return {}
+    if not isinstance(data, dict):
+        raise JaxrlError(
+            f"config file '{path}' must hold a mapping of config keys (e.g. 'train: {{steps: 10}}'), "
+            f"got a {type(data).__name__}"
+        )
+    return data
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Reads the YAML file at `path` (None: the defaults), applies `overrides`, validates.
+
+    Raises:
+      JaxrlError: a missing or unreadable file, YAML that is not a mapping, or any bad key or value.
+    """
+    raw = {} if path is None else _read_yaml(path)
+    _merge_overrides(RunConfig, raw, overrides)
+    try:
+        return from_dict(RunConfig, raw)
+    except JaxrlError as e:
+        if path is None:
+            raise
+        source = f"{path} and the command-line overrides" if overrides else str(path)
+        raise JaxrlError(f"{e} (from {source})") from None
+
+
+def save_yaml(cfg: Any, path: str | os.PathLike) -> None:
+    """Writes `cfg` as YAML that `load_config` reads back equal; atomic (temporary file + rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("# The resolved config of this run; `--config` this file to run it again.\n")
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False, default_flow_style=False)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The schema. Defaults are the tiny CPU run; configs/*.yaml override them.
+# ---------------------------------------------------------------------------------------------------
+
+Dtype = Literal["fp32", "bf16", "fp16"]
+_section = dataclasses.dataclass(frozen=True, kw_only=True)
+
+
+def _sub(cls: type) -> Any:
+    return dataclasses.field(default_factory=cls)
+
+
+def _check_positive(obj: Any, *names: str, minimum: int = 1) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _check(value >= minimum, name, f"must be >= {minimum}, got {value}")
+
+
+def _check_mesh(obj: Any) -> None:
+    names = [f.name for f in dataclasses.fields(obj)]
+    for name in names:
+        size = getattr(obj, name)
+        _check(size == -1 or size >= 1, name, f"must be an axis size >= 1 or -1, got {size}")
+    wild = [n for n in names if getattr(obj, n) == -1]
+    if len(wild) > 1:
+        raise ConfigValueError(wild[1], f"is -1 and so is '{wild[0]}': at most one axis can be -1 (the rest)")
+
+
+def _check_split(split: str) -> None:
+    # Only validation; jaxrl.data.split turns the weights into portions of the data.
+    try:
+        weights = [float(w) for w in split.split(",")]
+    except ValueError:
+        weights = []
+    _check(len(weights) == 3, "split", f"must be three comma-separated numbers like '2,4,4', got {split!r}")
+    _check(all(0 <= w < float("inf") for w in weights) and sum(weights) > 0, "split",
+           f"must be non-negative numbers with a positive sum, got {split!r}")
+
+
+@_section
+class LoraSection:
+    """Low-rank adapters (`nnx.LoRA`) on the named projections."""
+
+    # Adapter rank; 0 turns LoRA off.
+    rank: int = 0
+    # Scale numerator: the adapter's output is multiplied by alpha / rank.
+    alpha: float = 16.0
+    # Projections that get adapters, by short name (q, k, v, o, gate, up, down).
+    targets: tuple[str, ...] = ("q", "v")
+    # Train only the adapters (the base weights stay frozen).
+    train_only_lora: bool = True
+
+    def __post_init__(self):
+        _check_positive(self, "rank", minimum=0)
+        _check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        _check(self.rank == 0 or len(self.targets) > 0, "targets", "must name at least one projection")
+
+
+@_section
+class ModelSection:
+    """Which model to start from, and how to train it."""
+
+    # An HF model directory, or the name of a preset for a fresh model ('tiny').
+    path: str = "tiny"
+    # Rematerialization: none, full (recompute each block), dots (save only matmul outputs).
+    remat: Literal["none", "full", "dots"] = "none"
+    # Low-rank adapters.
+    lora: LoraSection = _sub(LoraSection)
+    # PPO critic's starting point (an HF directory); empty: the reward model of the previous step.
+    critic_path: str = ""
+    # PPO reward model (an HF directory); empty: the output of the previous (reward) step.
+    reward_path: str = ""
+
+    def __post_init__(self):
+        _check(bool(self.path), "path", "must name an HF directory or a preset such as 'tiny'")
+
+
+@_section
+class DataSection:
+    """The dataset and how it becomes token batches."""
+
+    # Dataset file(s) or directory(ies), or a built-in dataset name ('synthetic': the verifiable task).
+    path: tuple[str, ...] | str = "synthetic"
+    # The rows' format; 'auto' infers it from the file extension and the row keys.
+    format: str = "auto"
+    # DeepSpeed-Chat split: the data's relative shares for the SFT, reward and PPO steps.
+    split: str = "2,4,4"
+    # Maximum tokens per sequence (prompt + response), after truncation.
+    max_len: int = 64
+    # Maximum prompt tokens (prompts are truncated from the left); must be < max_len.
+    max_prompt_len: int = 32
+    # Skip malformed rows with a warning instead of failing.
+    skip_bad_rows: bool = False
+    # Evaluation file(s); empty: hold out eval_fraction of each step's share of `path`.
+    eval_path: tuple[str, ...] | str = ""
+    # Fraction held out for evaluation when eval_path is empty.
+    eval_fraction: float = 0.05
+    # Pack several short sequences into one row (SFT).
+    packing: bool = False
+    # Pre-training data mixed into PPO (the ptx loss, weighted by ppo.ptx_coef); empty: none.
+    ptx_path: str = ""
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """`path` as a tuple of paths."""
+        return (self.path,) if isinstance(self.path, str) else self.path
+
+    def __post_init__(self):
+        _check(all(self.paths), "path", f"must name a dataset file or a built-in dataset, got {self.path!r}")
+        _check_split(self.split)
+        _check_positive(self, "max_len", "max_prompt_len")
+        _check(self.max_prompt_len < self.max_len, "max_prompt_len",
+               f"({self.max_prompt_len}) must be < data.max_len ({self.max_len}) to leave room for a response")
+        _check(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+
+
+@_section
+class MeshSection:
+    """Training mesh axis sizes; -1 takes the devices the other axes leave."""
+
+    # Data-parallel axis (ZeRO stages shard over it).
+    data: int = -1
+    # Fully-sharded axis for parameters (ZeRO-3 style).
+    fsdp: int = 1
+    # Tensor-parallel axis.
+    tensor: int = 1
+
+    def __post_init__(self):
+        _check_mesh(self)
+
+
+@_section
+class GenMeshSection:
+    """The Hybrid Engine's generation mesh; -1 takes the remaining devices."""
+
+    # Generation data-parallel groups (each holds a full tensor-parallel copy of the actor).
+    data: int = -1
+    # Tensor-parallel axis for generation.
+    tensor: int = 1
+
+    def __post_init__(self):
+        _check_mesh(self)
+
+
+@_section
+class PrecisionSection:
+    """Compute dtype; parameters stay fp32 (master copy)."""
+
+    # Compute dtype; fp16 turns on dynamic loss scaling.
+    compute: Dtype = "fp32"
+    # Dynamic loss scaling (DeepSpeed semantics), used with fp16.
+    loss_scale: LossScaleConfig = _sub(LossScaleConfig)
+
+
+@_section
+class TrainSection:
+    """The shared training loop."""
+
+    # Optimizer steps.
+    steps: int = 100
+    # Global batch size in sequences (all devices, all micro-batches of one step).
+    batch_size: int = 16
+    # Log metrics every this many steps.
+    log_every: int = 10
+    # Evaluate every this many steps; 0: only at the end.
+    eval_every: int = 50
+    # Save a checkpoint every this many steps; 0: only at the end.
+    save_every: int = 0
+    # Checkpoints kept on disk (the oldest are deleted).
+    keep_checkpoints: int = 2
+    # Batches per evaluation.
+    eval_batches: int = 4
+    # Write an HF directory every this many steps; 0: only at the end.
+    export_every: int = 0
+
+    def __post_init__(self):
+        _check_positive(self, "steps", "batch_size", "log_every", "keep_checkpoints", "eval_batches")
+        _check_positive(self, "eval_every", "save_every", "export_every", minimum=0)
+
+
+@_section
+class GenerationSection:
+    """Sampling, for PPO rollouts and `jaxrl generate`."""
+
+    # The Hybrid Engine's generation mesh.
+    mesh: GenMeshSection = _sub(GenMeshSection)
+    # Tokens generated per prompt at most.
+    max_new_tokens: int = 16
+    # Sampling temperature; 0: greedy.
+    temperature: float = 1.0
+    # Nucleus sampling: keep the smallest set of tokens with this much probability; 1: off.
+    top_p: float = 1.0
+    # Keep only the k most likely tokens; 0: off.
+    top_k: int = 0
+    # Dtype of the generation copy of the actor (fp32 keeps CPU runs reproducible).
+    dtype: Dtype = "fp32"
+
+    def __post_init__(self):
+        _check_positive(self, "max_new_tokens")
+        _check_positive(self, "top_k", minimum=0)
+        _check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+
+
+@_section
+class SftSection:
+    """Step 1: supervised fine-tuning."""
+
+    # Also train on the prompt tokens (by default only the response tokens count in the loss).
+    loss_on_prompt: bool = False
+
+
+@_section
+class RewardSection:
+    """Step 2: the reward model (pairwise loss -log sigmoid(r_chosen - r_rejected - margin))."""
+
+    # Margin required between the chosen and the rejected reward; 0: the plain pairwise loss.
+    margin: float = 0.0
+
+    def __post_init__(self):
+        _check(self.margin >= 0, "margin", f"must be >= 0, got {self.margin}")
+
+
+@_section
+class PpoSection:
+    """Step 3: PPO with a KL penalty to the reference (SFT) model."""
+
+    # PPO epochs over each batch of experience.
+    epochs: int = 1
+    # Generation batches collected per PPO step.
+    generation_batches: int = 1
+    # Mini-batches per epoch (one optimizer step each).
+    mini_batches: int = 1
+    # Prompts per generation batch (global).
+    rollout_batch_size: int = 16
+    # Weight of the per-token KL penalty in the reward.
+    kl_coef: float = 0.1
+    # KL estimator: k1 = log(p/q); k3 = (q/p - 1) - log(q/p), non-negative, lower variance.
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    # Adapt kl_coef toward kl_target (Ziegler et al. 2019).
+    adaptive_kl: bool = False
+    # Target KL for the adaptive controller.
+    kl_target: float = 6.0
+    # Horizon (in samples) of the adaptive controller.
+    kl_horizon: int = 10000
+    # Policy ratio clip epsilon.
+    clip_ratio: float = 0.2
+    # Value clip around the old values.
+    value_clip: float = 0.2
+    # Rewards are clipped to [-clip_reward, clip_reward].
+    clip_reward: float = 5.0
+    # Discount factor.
+    gamma: float = 1.0
+    # GAE lambda.
+    lam: float = 0.95
+    # Whiten advantages over the batch.
+    whiten_advantages: bool = True
+    # Normalize rewards by a running mean and standard deviation.
+    normalize_reward: bool = False
+    # Entropy bonus weight.
+    entropy_coef: float = 0.0
+    # Weight of the pre-training (ptx) loss on data.ptx_path; 0: off.
+    ptx_coef: float = 0.0
+    # Decay of an exponential moving average of the actor's weights; 0: off.
+    ema: float = 0.0
+    # Critic learning rate (the actor's is optim.lr).
+    critic_lr: float = 5e-5
+    # Value loss weight.
+    vf_coef: float = 1.0
+    # Prompts generated for evaluation at each eval.
+    eval_prompts: int = 64
+
+    def __post_init__(self):
+        _check_positive(self, "epochs", "generation_batches", "mini_batches", "rollout_batch_size",
+                        "kl_horizon")
+        _check_positive(self, "eval_prompts", minimum=0)
+        _check(self.rollout_batch_size % self.mini_batches == 0, "rollout_batch_size",
+               f"({self.rollout_batch_size}) must be divisible by ppo.mini_batches ({self.mini_batches})")
+        for name in ("kl_coef", "entropy_coef", "ptx_coef", "vf_coef"):
+            _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        for name in ("kl_target", "clip_ratio", "value_clip", "clip_reward", "critic_lr"):
+            _check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("gamma", "lam"):
+            _check(0 <= getattr(self, name) <= 1, name, f"must be in [0, 1], got {getattr(self, name)}")
+        _check(0 <= self.ema < 1, "ema", f"must be in [0, 1), got {self.ema}")
+
+
+@_section
+class DistributedSection:
+    """Multi-process start-up (`jax.distributed.initialize`); the defaults auto-detect or run alone."""
+
+    # Coordinator address host:port; empty: auto-detect (TPU, SLURM) or a single process.
+    coordinator: str = ""
+    # Number of processes; 0: auto-detect.
+    num_processes: int = 0
+    # This process's index; -1: auto-detect.
+    process_id: int = -1
+
+    def __post_init__(self):
+        _check_positive(self, "num_processes", minimum=0)
+        _check_positive(self, "process_id", minimum=-1)
+        _check(self.num_processes == 0 or self.process_id < self.num_processes, "process_id",
+               f"({self.process_id}) must be < distributed.num_processes ({self.num_processes})")
+
+
+@_section
+class RunConfig:
+    """Everything one run reads; each command uses the sections it needs."""
+
+    model: ModelSection = _sub(ModelSection)
+    data: DataSection = _sub(DataSection)
+    # Training mesh.
+    mesh: MeshSection = _sub(MeshSection)
+    # ZeRO stage: 1 shards optimizer state over mesh.data, 2 also gradients, 3 also parameters.
+    zero_stage: int = 0
+    precision: PrecisionSection = _sub(PrecisionSection)
+    # Optimizer (AdamW, schedule, clipping, accumulation); for PPO, the actor's.
+    optim: OptimConfig = _sub(OptimConfig)
+    train: TrainSection = _sub(TrainSection)
+    generation: GenerationSection = _sub(GenerationSection)
+    sft: SftSection = _sub(SftSection)
+    reward: RewardSection = _sub(RewardSection)
+    ppo: PpoSection = _sub(PpoSection)
+    distributed: DistributedSection = _sub(DistributedSection)
+    # The run's seed (parameters, data order, sampling).
+    seed: int = 0
+    # Output directory (also `--output`).
+    output: str = "outputs/run"
+
+    def __post_init__(self):
+        _check(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        _check(bool(self.output), "output", "must name a directory")
+        accum = self.optim.grad_accum
+        _check(self.train.batch_size % accum == 0, "train.batch_size",
+               f"({self.train.batch_size}) must be divisible by optim.grad_accum ({accum})")
+        _check(self.ppo.ptx_coef == 0 or bool(self.data.ptx_path), "ppo.ptx_coef",
+               f"is {self.ppo.ptx_coef} but data.ptx_path is empty: name the pre-training data or set it to 0")
