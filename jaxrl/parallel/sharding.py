@@ -81,3 +81,68 @@ def current_mesh():
     """The mesh set by `jax.set_mesh`, or None."""
     mesh = jax.sharding.get_abstract_mesh()
     return None if mesh is None or mesh.empty else mesh
+
+
+def spec_tree(abstract_state):
+    """PartitionSpecs of an abstract (eval_shape'd) nnx state, as a pure dict; P() where unsharded."""
+    from flax import nnx
+
+    def spec(x):
+        sharding = getattr(x, "sharding", None)
+        return getattr(sharding, "spec", P())
+
+    return jax.tree.map(spec, nnx.to_pure_dict(abstract_state))
+
+
+def zero_dim(spec: P) -> int | None:
+    """The dimension a ZeRO-partitioned array is split on (the one carrying the data axes), or None."""
+    for d, axes in enumerate(spec):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        if set(names) & set(DATA_AXES):
+            return d
+    return None
+
+
+def manual_spec(spec: P) -> P:
+    """The part of `spec` over the data axes: what a shard_map manual over those axes sees."""
+    out = []
+    for axes in spec:
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        keep = tuple(a for a in names if a in DATA_AXES)
+        out.append(None if not keep else keep if len(keep) > 1 else keep[0])
+    return P(*out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """What a ZeRO stage decides, as spec trees (pure dicts) over one model's parameters.
+
+    param: where parameters live; grad: where reduced gradients live (ZeRO-2/3: partitioned, so they
+    are reduce-scattered); opt: where optimizer moments and the MultiSteps accumulator live (ZeRO-1+).
+    """
+
+    stage: int
+    param: dict
+    grad: dict
+    opt: dict
+
+
+def zero_layout(build, mesh, stage: int) -> Layout:
+    """Layout for the model made by `build(shardings)` on `mesh` at ZeRO `stage`.
+
+    `build` must construct the model (under `jax.set_mesh`, abstractly via nnx.eval_shape here).
+    """
+    from flax import nnx
+
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {stage}")
+    tensor = mesh.shape.get(TENSOR, 1) > 1
+    with jax.set_mesh(mesh):
+        sharded = spec_tree(nnx.state(nnx.eval_shape(lambda: build(model_shardings(shard_params=True, tensor=tensor)))))
+        replicated = spec_tree(nnx.state(nnx.eval_shape(lambda: build(model_shardings(shard_params=False, tensor=tensor)))))
+    return Layout(
+        stage=stage,
+        param=sharded if stage >= 3 else replicated,
+        grad=sharded if stage >= 2 else replicated,
+        opt=sharded if stage >= 1 else replicated,
+    )

@@ -1,0 +1,169 @@
+"""The one train-step builder every algorithm uses: loss function in, jitted sharded step out.
+
+Gradients are computed in a `shard_map` that is manual over the data axes ('data', 'fsdp') and leaves
+'tensor' to GSPMD, so the ZeRO collectives are the ones we write:
+  stage 0/1: gradients all-reduced (`psum`);
+  stage 2:   gradients reduce-scattered (`psum_scatter`) onto their ZeRO partition;
+  stage 3:   parameters all-gathered before use; the gather's transpose reduce-scatters the gradients.
+The optimizer update then runs under GSPMD with the optimizer state partitioned from stage 1 on.
+
+The loss is averaged exactly as on one device: each loss function reports the denominator it averaged
+over as `metrics["weight"]` (default: its rows), and the step weights every device by it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxrl.parallel.sharding import DATA_AXES, Layout, manual_spec, zero_dim
+from jaxrl.precision import loss_scale_of, skipped_steps_of
+
+LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, dict]]
+
+
+@struct.dataclass
+class TrainState:
+    params: dict  # trainable parameters (pure dict), laid out by Layout.param
+    frozen: dict  # the rest of the model (e.g. base weights under LoRA-only training)
+    opt_state: Any  # optax state, moments laid out by Layout.opt
+    step: jax.Array  # () int32, micro-steps taken
+
+
+def _is_spec(x):
+    return isinstance(x, P)
+
+
+def _pick(spec_tree: dict, like: dict) -> dict:
+    """The specs of `spec_tree` at the leaf paths of `like` (a sub-tree of the same model)."""
+
+    def lookup(path, _):
+        node = spec_tree
+        for key in path:
+            node = node[getattr(key, "key", getattr(key, "idx", key))]
+        return node
+
+    return jax.tree_util.tree_map_with_path(lookup, like)
+
+
+class Trainer:
+    """A model's static parts and shardings, and the jitted step that trains it.
+
+    Args:
+      model: the NNX model, built on `mesh` (ideally born sharded by the layout's stage).
+      optimizer: optax transformation (from `jaxrl.optim.make_optimizer`).
+      loss_fn: `(model, batch) -> (loss, metrics)`.
+      mesh: the training mesh; layout: the ZeRO layout (`jaxrl.parallel.sharding.zero_layout`).
+      wrt: which variables train (`nnx.Param`, or `nnx.LoRAParam` to train only LoRA).
+    """
+
+    def __init__(self, model: nnx.Module, optimizer: optax.GradientTransformation, loss_fn: LossFn, *,
+                 mesh, layout: Layout, wrt=nnx.Param):
+        self.mesh, self.layout, self.optimizer, self.loss_fn = mesh, layout, optimizer, loss_fn
+        self.graphdef, trainable, frozen = nnx.split(model, wrt, ...)
+        params, frozen = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
+        self.specs = {
+            "param": _pick(layout.param, params),
+            "frozen": _pick(layout.param, frozen),
+            "grad": _pick(layout.grad, params),
+            "opt": _pick(layout.opt, params),
+        }
+        named = lambda tree: jax.tree.map(lambda s: NamedSharding(mesh, s), tree, is_leaf=_is_spec)  # noqa: E731
+        abstract_opt = jax.eval_shape(optimizer.init, params)
+        opt_shardings = optax.tree_utils.tree_map_params(
+            optimizer, lambda _, s: s, abstract_opt, named(self.specs["opt"]),
+            transform_non_params=lambda _: NamedSharding(mesh, P()),
+            is_leaf=lambda x: isinstance(x, NamedSharding),
+        )
+        self.state_shardings = TrainState(
+            params=named(self.specs["param"]), frozen=named(self.specs["frozen"]), opt_state=opt_shardings,
+            step=NamedSharding(mesh, P()),
+        )
+        self.batch_sharding = NamedSharding(mesh, P(DATA_AXES))
+        self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+                             out_shardings=(self.state_shardings, None), donate_argnums=0)
+        self._init_params = (params, frozen)
+
+    # ------------------------------------------------------------------------------------------ state
+    def init_state(self) -> TrainState:
+        """The initial TrainState, placed on the layout (parameters born sharded are not copied)."""
+        params, frozen = self._init_params
+        del self._init_params  # the state owns the parameters from now on
+        params = jax.device_put(params, self.state_shardings.params)
+        frozen = jax.device_put(frozen, self.state_shardings.frozen)
+        opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_shardings.opt_state)(params)
+        return TrainState(params=params, frozen=frozen, opt_state=opt_state,
+                          step=jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings.step))
+
+    def model(self, state: TrainState) -> nnx.Module:
+        """The NNX model holding `state`'s parameters (shared buffers, no copy)."""
+        return nnx.merge(self.graphdef, state.params, state.frozen)
+
+    def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        """One micro-batch: gradients, and an optimizer update on every `grad_accum`-th call."""
+        return self._step(state, batch)
+
+    def lower(self, state, batch):
+        return self._step.lower(state, batch)
+
+    # ------------------------------------------------------------------------------------------- step
+    def _train_step(self, state: TrainState, batch: dict):
+        scale = loss_scale_of(state.opt_state)
+        manual = lambda tree: jax.tree.map(manual_spec, tree, is_leaf=_is_spec)  # noqa: E731
+        grads_fn = jax.shard_map(
+            self._local_grads, mesh=self.mesh,
+            in_specs=(manual(self.specs["param"]), manual(self.specs["frozen"]), P(DATA_AXES), P()),
+            out_specs=(manual(self.specs["grad"]), P()),
+            axis_names=set(DATA_AXES), check_vma=False,
+        )
+        grads, metrics = grads_fn(state.params, state.frozen, batch, scale)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads) / scale,
+                       loss_scale=loss_scale_of(opt_state), skipped_steps=skipped_steps_of(opt_state))
+        return TrainState(params=params, frozen=state.frozen, opt_state=opt_state, step=state.step + 1), metrics
+
+    def _local_grads(self, params, frozen, batch, scale):
+        """Per-device gradients of the scaled loss, reduced over the data axes as the stage says."""
+        rows = jax.tree.leaves(batch)[0].shape[0]
+
+        def objective(p):
+            model = nnx.merge(self.graphdef, self._gather(p, self.specs["param"]),
+                              self._gather(frozen, self.specs["frozen"]))
+            loss, metrics = self.loss_fn(model, batch)
+            weight = jax.lax.stop_gradient(jnp.asarray(metrics.get("weight", rows), jnp.float32))
+            return loss * weight * scale, (loss, metrics, weight)
+
+        grads, (loss, metrics, weight) = jax.grad(objective, has_aux=True)(params)
+        total = jax.lax.psum(weight, DATA_AXES)
+        grads = jax.tree.map(self._reduce, grads, self.specs["param"], self.specs["grad"], is_leaf=_is_spec)
+        grads = jax.tree.map(lambda g: g / total, grads)
+        out = {k: jax.lax.psum(v * weight, DATA_AXES) / total for k, v in metrics.items() if k != "weight"}
+        out["loss"] = jax.lax.psum(loss * weight, DATA_AXES) / total
+        out["weight"] = total
+        return grads, out
+
+    def _gather(self, tree, specs):
+        """ZeRO-3: a device's parameter shards -> whole parameters (all-gather over the data axes)."""
+        if self.layout.stage < 3:
+            return tree
+
+        def gather(x, spec):
+            d = zero_dim(spec)
+            return x if d is None else jax.lax.all_gather(x, DATA_AXES, axis=d, tiled=True)
+
+        return jax.tree.map(gather, tree, specs, is_leaf=_is_spec)
+
+    def _reduce(self, g, param_spec, grad_spec):
+        if self.layout.stage >= 3 and zero_dim(param_spec) is not None:
+            return g  # the all-gather's transpose already reduce-scattered it
+        d = zero_dim(grad_spec)
+        if d is None:
+            return jax.lax.psum(g, DATA_AXES)
+        return jax.lax.psum_scatter(g, DATA_AXES, scatter_dimension=d, tiled=True)
