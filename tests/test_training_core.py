@@ -151,3 +151,112 @@ def test_grad_accum_equals_one_big_batch():
     _, s_acc, _ = run(mesh, 2, halves, optim=OptimConfig(**opt, grad_accum=2), loss=row_loss)
     assert int(s_acc.step) == 2
     assert _max_rel(jax.device_get(s_acc.params), jax.device_get(s_big.params)) < 1e-6
+
+
+# ----------------------------------------------------------------------------------- precision, remat, LoRA
+def boosted_loss(model, batch):
+    """lm_loss times batch['boost'] (1 normally; 1e35 forces an overflow once the loss is scaled)."""
+    loss, metrics = lm_loss(model, batch)
+    return loss * batch["boost"][0], metrics
+
+
+def test_fp16_overflow_skips_the_step_and_rescales():
+    mesh = make_mesh(8, 1, 1)
+    ls = LossScaleConfig(enabled=True, initial_scale_power=8, loss_scale_window=2, hysteresis=1)
+    trainer = build_trainer(mesh, 1, dtype=jnp.float16, loss_scale=ls, loss=boosted_loss)
+    state = trainer.init_state()
+    base = make_batches(1)[0]
+    normal = dict(base, boost=np.ones((16,), np.float32))
+    overflow = dict(base, boost=np.full((16,), 1e35, np.float32))
+    scales, skipped, losses = [], [], []
+    with jax.set_mesh(mesh):
+        state, m = trainer.step(state, normal)
+        before = jax.device_get((state.params, state.opt_state))
+        state, m_over = trainer.step(state, overflow)
+        after = jax.device_get((state.params, state.opt_state))
+        for _ in range(5):
+            state, m = trainer.step(state, normal)
+            scales.append(float(m["loss_scale"]))
+            skipped.append(int(m["skipped_steps"]))
+            losses.append(float(m["loss"]))
+    # Parameters and Adam moments bit-identical across the overflowing step.
+    for x, y in zip(jax.tree.leaves(before[0]), jax.tree.leaves(after[0])):
+        np.testing.assert_array_equal(x, y)
+    moments_before = [x for x in jax.tree.leaves(before[1]) if np.ndim(x) > 0]
+    moments_after = [x for x in jax.tree.leaves(after[1]) if np.ndim(x) > 0]
+    for x, y in zip(moments_before, moments_after):
+        np.testing.assert_array_equal(x, y)
+    assert int(m_over["skipped_steps"]) == 1 and float(m_over["loss_scale"]) == 2.0 ** 7
+    assert np.all(np.isfinite(losses)) and skipped == [1] * 5
+    assert max(scales) > 2.0 ** 7  # the scale grows again after `loss_scale_window` finite steps
+    assert losses[-1] < losses[0]
+
+
+def test_bf16_training_lowers_the_loss():
+    _, _, losses = run(make_mesh(8, 1, 1), 0, make_batches(1) * 5, dtype=jnp.bfloat16)
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_the_same_gradients(remat):
+    batch = make_batches(1)[0]
+
+    def grads(policy):
+        model = Transformer(CFG, rngs=nnx.Rngs(0), remat=policy)
+        return nnx.grad(lambda m: lm_loss(m, batch)[0])(model)
+
+    ref, got = jax.tree.leaves(grads("none")), jax.tree.leaves(grads(remat))
+    for x, y in zip(got, ref):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_lora_trains_only_lora_and_merges_for_export(tmp_path):
+    from jaxrl.models.hf import load_pretrained, save_pretrained
+    from jaxrl.models.lora import add_lora, merge_lora
+
+    mesh = make_mesh(2, 2, 2)
+    lora = dict(rank=4, alpha=8.0, targets=("q", "v", "down"))
+
+    def build(sh):
+        return add_lora(Transformer(CFG, rngs=nnx.Rngs(0), shardings=sh), **lora)
+
+    layout = zero_layout(build, mesh, 3)
+    with jax.set_mesh(mesh):
+        model = build(model_shardings(shard_params=True))
+    trainer = Trainer(model, make_optimizer(OptimConfig(lr=1e-2), 10), lm_loss, mesh=mesh, layout=layout,
+                      wrt=nnx.LoRAParam)
+    state = trainer.init_state()
+    frozen_before = jax.device_get(state.frozen)
+    batch = make_batches(1)[0]
+    losses = []
+    with jax.set_mesh(mesh):
+        for _ in range(3):
+            state, m = trainer.step(state, batch)
+            losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0]
+    assert set(jax.tree.leaves(jax.tree.map(lambda x: x.ndim, state.params))) == {2}
+    assert len(jax.tree.leaves(state.params)) == 2 * 3 * CFG.num_layers  # A and B per target per layer
+    for x, y in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(jax.device_get(state.frozen))):
+        np.testing.assert_array_equal(x, y)
+
+    trained = trainer.model(state)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with jax.set_mesh(mesh):
+        unmerged = np.asarray(trained(ids, mask))
+        save_pretrained(trained, str(tmp_path / "merged"))
+        merged = np.asarray(merge_lora(nnx.clone(trained))(ids, mask))
+    exported = np.asarray(load_pretrained(str(tmp_path / "merged"))(ids, mask))
+    assert np.abs(unmerged - np.asarray(Transformer(CFG, rngs=nnx.Rngs(0))(ids, mask))).max() > 1e-3
+    np.testing.assert_allclose(merged, unmerged, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(exported, unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_mesh_that_does_not_fit_the_devices_is_a_clear_error():
+    from jaxrl.errors import JaxrlError
+
+    with pytest.raises(JaxrlError, match=r"mesh.data=3 x mesh.fsdp=1 x mesh.tensor=1 needs 3 devices but 8"):
+        make_mesh(3, 1, 1)
+    with pytest.raises(JaxrlError, match="only one axis may be -1"):
+        make_mesh(-1, -1, 1)
+    with pytest.raises(JaxrlError, match="do not divide the 8"):
+        make_mesh(-1, 3, 1)

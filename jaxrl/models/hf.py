@@ -354,6 +354,10 @@ def save_pretrained(model, path: str, *, tokenizer=None, dtype=np.float32) -> No
     """
     from safetensors.numpy import save_file
 
+    from jaxrl.models.lora import has_lora, merge_lora
+
+    if has_lora(model):  # export the merged weights; the model itself keeps its LoRA branches
+        model = merge_lora(nnx.clone(model))
     score = isinstance(model, ScoreModel)
     cfg = model.config
     tensors = {}

@@ -42,7 +42,7 @@ class Dense(nnx.Module):
     def __init__(self, din, dout, *, bias, kernel_spec, bias_spec, dtype, rngs):
         self.kernel = _param(rngs, (din, dout), kernel_spec)
         self.bias = _param(rngs, (dout,), bias_spec, init="zeros") if bias else None
-        self.lora = None  # set by jaxrl.models.lora.add_lora
+        self.lora = nnx.data(None)  # a LoRA branch, set by jaxrl.models.lora.add_lora
         self.lora_scale = 0.0
         self.dtype = dtype
 
@@ -142,8 +142,11 @@ class Attention(nnx.Module):
             key = jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), start)
             value = jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), start)
             cache = {"k": key, "v": value}
-        out = jax.nn.dot_product_attention(q, key.astype(q.dtype), value.astype(q.dtype), mask=mask)
-        return self.o(out.reshape(b, t, n * h)), cache
+        dtype = q.dtype
+        if dtype == jnp.float16 and jax.default_backend() == "cpu":
+            dtype = jnp.float32  # XLA:CPU has no fp16 x fp16 -> fp32 dot, which attention's scores use
+        out = jax.nn.dot_product_attention(q.astype(dtype), key.astype(dtype), value.astype(dtype), mask=mask)
+        return self.o(out.astype(q.dtype).reshape(b, t, n * h)), cache
 
 
 class MLP(nnx.Module):

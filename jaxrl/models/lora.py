@@ -1,0 +1,56 @@
+"""LoRA on the transformer's projections (`flax.nnx.LoRA`), and merging it back for export.
+
+A LoRA branch adds (alpha / r) * x @ A @ B to a projection x @ W, with A [in, r], B [r, out]; B starts
+at zero so the model is unchanged at first. Train only the branches with `wrt=nnx.LoRAParam`.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from jaxrl.errors import JaxrlError
+from jaxrl.models.transformer import Dense
+from jaxrl.parallel.sharding import current_mesh, fit_spec
+
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def add_lora(model: nnx.Module, *, rank: int, alpha: float, targets=("q", "v"), seed: int = 0) -> nnx.Module:
+    """Gives every `Dense` named in `targets` a LoRA branch; sharded like its kernel under a mesh."""
+    unknown = set(targets) - set(TARGETS)
+    if unknown:
+        raise JaxrlError(f"model.lora.targets has unknown module(s) {sorted(unknown)}; choose from {TARGETS}")
+    if rank <= 0:
+        raise JaxrlError(f"model.lora.rank must be > 0 to add LoRA, got {rank}")
+    rngs = nnx.Rngs(seed)
+    mesh = current_mesh()
+    for path, module in nnx.iter_graph(model):
+        if not (isinstance(module, Dense) and path and path[-1] in targets):
+            continue
+        din, dout = module.kernel.shape
+        meta_a, meta_b = {}, {}
+        if mesh is not None:
+            spec = tuple(module.kernel.get_metadata().get("out_sharding") or ()) + (None, None)
+            meta_a = {"out_sharding": fit_spec(P(spec[0], None), (din, rank), mesh)}
+            meta_b = {"out_sharding": fit_spec(P(None, spec[1]), (rank, dout), mesh)}
+        module.lora = nnx.LoRA(din, rank, dout, dtype=module.dtype, rngs=rngs, a_metadata=meta_a, b_metadata=meta_b)
+        module.lora_scale = alpha / rank
+    return model
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+    """Folds every LoRA branch into its kernel (W += (alpha/r) A B) and removes it, in place."""
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, Dense) and module.lora is not None:
+            a, b = module.lora.lora_a[...], module.lora.lora_b[...]
+            delta = module.lora_scale * jnp.einsum("ir,ro->io", a, b)
+            module.kernel[...] = module.kernel[...] + delta.astype(module.kernel.dtype)
+            module.lora = nnx.data(None)
+            module.lora_scale = 0.0
+    return model
+
+
+def has_lora(model: nnx.Module) -> bool:
+    return any(isinstance(m, Dense) and m.lora is not None for _, m in nnx.iter_graph(model))
