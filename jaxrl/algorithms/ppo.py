@@ -1,0 +1,279 @@
+"""Step 3, PPO (InstructGPT / DeepSpeed-Chat step 3): the math as small pure functions.
+
+Layout the step code follows. A rollout row is a left-padded prompt (P columns) followed by the
+generated response (R columns, right-padded after its EOS). `token_logprobs(logits, seq)` gives
+(B, P + R - 1) values where column t scores token t + 1, so the response's per-token quantities are
+the columns `[P - 1:]`, shape (B, R): log-probs of actor, old actor and reference; critic values
+`critic(seq)[:, P - 1:-1]` (the value of the state just before each response token); and
+`mask = response attention mask` (1 on every generated token up to and including EOS, 0 after).
+Every function below takes such (B, R) arrays and a 0/1 `mask`; masked positions are ignored.
+
+Every loss returns `(loss, metrics)` with `metrics["weight"]` = the number of tokens it averaged over,
+so the data-parallel step's sum(loss * weight) / sum(weight) equals the one-device loss.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# ---------------------------------------------------------------------------------------------------
+# Masked statistics
+
+
+def masked_sum(x, mask, axis=None):
+    """sum(x * mask) over `axis` (all axes by default)."""
+    return jnp.sum(x * mask, axis=axis)
+
+
+def masked_mean(x, mask, axis=None):
+    """sum(x * mask) / sum(mask) over `axis`; 0 where the mask is empty (not NaN)."""
+    mask = mask.astype(jnp.float32)
+    count = jnp.sum(mask, axis=axis)
+    return masked_sum(x.astype(jnp.float32), mask, axis) / jnp.where(count > 0, count, 1.0)
+
+
+def masked_var(x, mask, unbiased=False):
+    """Variance of the masked entries: mean((x - mean)^2) over them; with `unbiased`, times n / (n - 1)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean(jnp.square(x - mean), mask)
+    if unbiased:
+        n = jnp.sum(mask.astype(jnp.float32))
+        var = var * n / jnp.maximum(n - 1.0, 1.0)
+    return var
+
+
+def whiten(x, mask, shift_mean=True, eps=1e-8):
+    """Masked whitening over all masked entries of the batch (not per row).
+
+        y = (x - mean) / sqrt(var + eps)        (+ mean back when not shift_mean)
+
+    mean and var are taken over the entries where mask = 1; masked entries of y are 0. Inside a
+    data-parallel shard_map these are local statistics: whiten in the rollout phase, under plain jit,
+    so that GSPMD computes them over the global batch.
+    """
+    x = x.astype(jnp.float32)
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    y = (x - mean) * jax.lax.rsqrt(var + eps)
+    if not shift_mean:
+        y = y + mean
+    return jnp.where(mask.astype(bool), y, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rewards and advantages
+
+
+def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman, "Approximating KL divergence").
+
+        k1 = log pi - log pi_ref                      (unbiased, can be negative)
+        k3 = (r - 1) - log r,  r = pi_ref / pi = exp(log pi_ref - log pi)   (unbiased, always >= 0)
+
+    Args:
+      logprobs, ref_logprobs: (B, T) log-probabilities of the sampled tokens under pi and pi_ref.
+      estimator: 'k1' or 'k3'.
+    Returns:
+      (B, T) fp32, not masked.
+    """
+    log_ratio = ref_logprobs.astype(jnp.float32) - logprobs.astype(jnp.float32)  # log r
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k3":
+        return jnp.expm1(log_ratio) - log_ratio
+    raise ValueError(f"ppo KL estimator must be 'k1' or 'k3'; got {estimator!r}")
+
+
+def last_valid_onehot(mask):
+    """(B, T) 1.0 at each row's last position with mask = 1; an all-zero row stays all zero."""
+    mask = mask.astype(jnp.float32)
+    t = mask.shape[1]
+    last = t - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # (B,)
+    return jax.nn.one_hot(last, t, dtype=jnp.float32) * mask
+
+
+def shaped_rewards(score, kl, mask, *, kl_coef, clip_reward, ended=None, truncated_penalty=None):
+    """Per-token PPO rewards: a KL penalty on every response token plus the sequence score at the end.
+
+        s_b      = truncated_penalty  if truncated_penalty is not None and not ended[b]  else score[b]
+        r[b, t]  = -kl_coef * kl[b, t] * mask[b, t]  +  [t = last_b] * clip(s_b, -clip_reward, clip_reward)
+
+    where last_b is row b's last position with mask = 1 (its EOS, or its last token when the response
+    was cut at the maximum length). Truncated rows (no EOS, `ended = False`) keep their score at their
+    last token by default, as in DeepSpeed-Chat; `truncated_penalty` replaces their score by a fixed
+    value (clipped like a score, so |score part| <= clip_reward always holds). A row with an empty
+    mask gets no reward at all.
+
+    Args:
+      score: (B,) reward-model score of each full sequence.
+      kl: (B, T) per-token KL estimate (see `kl_penalty`).
+      mask: (B, T) 1 on response tokens.
+      kl_coef: scalar KL coefficient (may be a traced value from the adaptive controller).
+      clip_reward: the score is clipped to [-clip_reward, clip_reward].
+      ended: (B,) bool, whether the row's response ended with EOS; needed with `truncated_penalty`.
+      truncated_penalty: score given to rows that did not end; None keeps their score.
+    Returns:
+      (B, T) fp32 rewards, 0 where mask = 0.
+    """
+    score = score.astype(jnp.float32)
+    if truncated_penalty is not None:
+        if ended is None:
+            raise ValueError("shaped_rewards: truncated_penalty needs `ended` (which rows emitted EOS)")
+        score = jnp.where(ended, score, jnp.float32(truncated_penalty))
+    score = jnp.clip(score, -clip_reward, clip_reward)
+    mask = mask.astype(jnp.float32)
+    return -kl_coef * kl.astype(jnp.float32) * mask + last_valid_onehot(mask) * score[:, None]
+
+
+def gae(rewards, values, mask, *, gamma, lam):
+    """Generalized advantage estimation (Schulman et al. 2016), a reverse `lax.scan` over time.
+
+    Over the valid steps t (mask = 1) of a row, with t' the next valid step after t:
+
+        delta_t = r_t + gamma * V_t' - V_t
+        A_t     = delta_t + gamma * lam * A_t'
+        R_t     = A_t + V_t                      (the critic's target)
+
+    and V_t' = A_t' = 0 past the row's last valid step: the episode ends there, both at EOS and when
+    the response was cut at the maximum length (no bootstrap from a state that was never generated).
+    Masked positions are skipped (for the usual contiguous response mask this is the textbook
+    recursion) and get A = R = 0. Rewards and values at masked positions are ignored.
+
+    Args:
+      rewards, values, mask: (B, T).
+      gamma: discount; lam: GAE lambda.
+    Returns:
+      advantages, returns: (B, T) fp32.
+    """
+    rewards, values = rewards.astype(jnp.float32), values.astype(jnp.float32)
+    valid = mask.astype(bool)
+
+    def step(carry, xs):  # carry: (next_value, next_adv) (B,), from the next valid step
+        next_value, next_adv = carry
+        r, v, m = xs
+        adv = r + gamma * next_value - v + gamma * lam * next_adv
+        adv = jnp.where(m, adv, 0.0)
+        carry = (jnp.where(m, v, next_value), jnp.where(m, adv, next_adv))
+        return carry, adv
+
+    zeros = jnp.zeros(rewards.shape[:1], jnp.float32)
+    _, adv = jax.lax.scan(step, (zeros, zeros), (rewards.T, values.T, valid.T), reverse=True)
+    advantages = adv.T  # (B, T)
+    returns = jnp.where(valid, advantages + values, 0.0)
+    return advantages, returns
+
+
+# ---------------------------------------------------------------------------------------------------
+# Losses
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_ratio):
+    """PPO clipped surrogate, masked token mean.
+
+        rho   = exp(log pi - log pi_old)
+        loss  = mean_t max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps, 1 + eps))
+        clipfrac  = mean_t [clipped term > unclipped term]
+        approx_kl = mean_t (rho_t - 1) - log rho_t                       (k3 of pi_old vs pi)
+
+    Args:
+      logprobs: (B, T) under the current policy (gradients flow through these).
+      old_logprobs, advantages: (B, T) from the rollout (treated as constants).
+      mask: (B, T) 1 on response tokens.
+      clip_ratio: eps.
+    Returns:
+      loss and metrics `policy_loss`, `clipfrac`, `approx_kl`, `weight` (token count).
+    """
+    old_logprobs = jax.lax.stop_gradient(old_logprobs.astype(jnp.float32))
+    advantages = jax.lax.stop_gradient(advantages.astype(jnp.float32))
+    log_ratio = logprobs.astype(jnp.float32) - old_logprobs
+    ratio = jnp.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_ratio, 1.0 + clip_ratio)
+    loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
+    metrics = {
+        "policy_loss": loss,
+        "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+        "approx_kl": masked_mean(jax.lax.stop_gradient(jnp.expm1(log_ratio) - log_ratio), mask),
+        "weight": jnp.sum(mask.astype(jnp.float32)),
+    }
+    return loss, metrics
+
+
+def value_loss(values, old_values, returns, mask, *, value_clip):
+    """Clipped value loss, masked token mean.
+
+        V_clip = V_old + clip(V - V_old, -value_clip, value_clip)
+        loss   = 0.5 * mean_t max((V_t - R_t)^2, (V_clip_t - R_t)^2)
+        vf_clipfrac = mean_t [clipped term > unclipped term]
+
+    Args:
+      values: (B, T) the critic's current values (gradients flow through these).
+      old_values, returns: (B, T) from the rollout (treated as constants).
+      mask: (B, T) 1 on response tokens.
+      value_clip: the clip range.
+    Returns:
+      loss and metrics `value_loss`, `vf_clipfrac`, `weight` (token count).
+    """
+    values = values.astype(jnp.float32)
+    old_values = jax.lax.stop_gradient(old_values.astype(jnp.float32))
+    returns = jax.lax.stop_gradient(returns.astype(jnp.float32))
+    clipped_values = old_values + jnp.clip(values - old_values, -value_clip, value_clip)
+    unclipped = jnp.square(values - returns)
+    clipped = jnp.square(clipped_values - returns)
+    loss = 0.5 * masked_mean(jnp.maximum(unclipped, clipped), mask)
+    metrics = {
+        "value_loss": loss,
+        "vf_clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+        "weight": jnp.sum(mask.astype(jnp.float32)),
+    }
+    return loss, metrics
+
+
+def entropy_from_logits(logits, mask):
+    """Masked mean entropy of the next-token distributions.
+
+        H_t = -sum_v p_tv log p_tv = logsumexp(z_t) - sum_v softmax(z_t)_v z_tv
+
+    Args:
+      logits: (B, T, V); mask: (B, T).
+    Returns:
+      scalar fp32.
+    """
+    logits = logits.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    entropy = jax.nn.logsumexp(logits, axis=-1) - jnp.sum(probs * logits, axis=-1)  # (B, T)
+    return masked_mean(entropy, mask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# KL coefficient control and EMA
+
+
+def kl_coef_update(coef, current_kl, n_steps, *, target, horizon):
+    """Adaptive KL controller (Ziegler et al. 2019): the state is the coefficient itself.
+
+        e     = clip(current_kl / target - 1, -0.2, 0.2)
+        coef' = coef * (1 + e * n_steps / horizon)
+
+    `target=None` is the fixed controller: coef' = coef. Works on Python floats and traced values.
+
+    Args:
+      coef: current KL coefficient beta.
+      current_kl: the measured KL (e.g. mean per-sequence KL of the last rollout).
+      n_steps: how many samples (episodes) that measurement covers.
+      target: the KL to steer towards; None for a fixed coefficient.
+      horizon: how many samples it takes to correct a 20% error in full.
+    """
+    if target is None:
+        return coef
+    error = jnp.clip(current_kl / target - 1.0, -0.2, 0.2)
+    return coef * (1.0 + error * n_steps / horizon)
+
+
+def ema_update(ema_params, params, decay):
+    """Exponential moving average, leaf by leaf: ema' = decay * ema + (1 - decay) * params."""
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p.astype(e.dtype), ema_params, params)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Step functions (rollout, actor and critic updates) follow.
