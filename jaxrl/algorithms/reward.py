@@ -24,11 +24,11 @@ def pair_scores(model, batch):
     return model.sequence_score(chosen_ids, chosen_mask), model.sequence_score(rejected_ids, rejected_mask)
 
 
-def reward_loss(model, batch):
+def reward_loss(model, batch, *, required_margin: float = 0.0):
     """Pairwise ranking loss on sequence scores.
 
         r_c, r_r = score(chosen), score(rejected)           (value at the last real token, its EOS)
-        loss     = mean_b -log sigmoid(r_c - r_r)
+        loss     = mean_b -log sigmoid(r_c - r_r - m)       (m = required_margin, `reward.margin`)
         accuracy = mean_b [r_c > r_r]
 
     Args:
@@ -41,7 +41,7 @@ def reward_loss(model, batch):
     chosen, rejected = pair_scores(model, batch)
     chosen, rejected = chosen.astype(jnp.float32), rejected.astype(jnp.float32)
     margin = chosen - rejected  # (B,)
-    loss = -jnp.mean(jax.nn.log_sigmoid(margin))
+    loss = -jnp.mean(jax.nn.log_sigmoid(margin - required_margin))
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean((margin > 0).astype(jnp.float32)),

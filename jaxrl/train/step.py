@@ -88,6 +88,8 @@ class Trainer:
         self.batch_sharding = NamedSharding(mesh, P(DATA_AXES))
         self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
                              out_shardings=(self.state_shardings, None), donate_argnums=0)
+        self._eval = jax.jit(self._eval_step, in_shardings=(self.state_shardings.params,
+                                                            self.state_shardings.frozen, self.batch_sharding))
         self._init_params = (params, frozen)
 
     # ------------------------------------------------------------------------------------------ state
@@ -108,6 +110,14 @@ class Trainer:
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One micro-batch: gradients, and an optimizer update on every `grad_accum`-th call."""
         return self._step(state, batch)
+
+    def evaluate(self, state: TrainState, batch: dict) -> dict:
+        """The loss function's metrics on a batch, no update (GSPMD over the whole batch)."""
+        return self._eval(state.params, state.frozen, batch)
+
+    def _eval_step(self, params, frozen, batch):
+        loss, metrics = self.loss_fn(nnx.merge(self.graphdef, params, frozen), batch)
+        return dict(metrics, loss=loss)
 
     def lower(self, state, batch):
         return self._step.lower(state, batch)
