@@ -277,3 +277,83 @@ def ema_update(ema_params, params, decay):
 
 # ---------------------------------------------------------------------------------------------------
 # Step functions (rollout, actor and critic updates) follow.
+#
+# A rollout batch (B rows) holds: `seq` (B, P + R) prompt + response ids, `attention_mask` (B, P + R),
+# `response_mask` (B, R), and, filled by `experience`, `old_logprobs`, `ref_logprobs`, `old_values`,
+# `advantages`, `returns` (B, R). P is static: it is the prompts' padded width.
+
+
+def response_logprobs(model, seq, attention_mask, prompt_len: int):
+    """(B, R) log-probs of the response tokens under a causal LM, and its logits (B, R, V)."""
+    from jaxrl.algorithms.sft import token_logprobs
+
+    logits = model(seq, attention_mask)
+    return token_logprobs(logits, seq)[:, prompt_len - 1:], logits[:, prompt_len - 1:-1]
+
+
+def response_values(critic, seq, attention_mask, prompt_len: int):
+    """(B, R) critic values of the state before each response token."""
+    return critic(seq, attention_mask)[:, prompt_len - 1:-1]
+
+
+def experience(actor, ref, critic, reward, batch, *, prompt_len: int, kl_coef, kl_estimator: str,
+               clip_reward: float, gamma: float, lam: float, whiten_advantages: bool, eos_ids: tuple[int, ...]):
+    """Scores one rollout batch: old/ref log-probs, values, rewards, GAE (no gradients).
+
+    The reward model reads each sequence at its last real token, the same position as in step 2: the
+    response's EOS, or its last token when generation stopped at the length limit. Those truncated rows
+    keep their score (as in DeepSpeed-Chat) and are counted in `truncated`.
+    """
+    seq, attn, mask = batch["seq"], batch["attention_mask"], batch["response_mask"]
+    old, _ = response_logprobs(actor, seq, attn, prompt_len)
+    ref_lp, _ = response_logprobs(ref, seq, attn, prompt_len)
+    values = response_values(critic, seq, attn, prompt_len)
+    score = reward.sequence_score(seq, attn)
+    last = jnp.take_along_axis(seq[:, prompt_len:], jnp.maximum(mask.sum(1) - 1, 0)[:, None], axis=1)[:, 0]
+    ended = jnp.isin(last, jnp.asarray(eos_ids)) & (mask.sum(1) > 0)
+    kl = kl_penalty(old, ref_lp, kl_estimator)
+    rewards = shaped_rewards(score, kl, mask, kl_coef=kl_coef, clip_reward=clip_reward, ended=ended)
+    advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=lam)
+    if whiten_advantages:
+        advantages = whiten(advantages, mask)
+    maskf = mask.astype(jnp.float32)
+    out = dict(batch, old_logprobs=old, ref_logprobs=ref_lp, old_values=values, advantages=advantages,
+               returns=returns)
+    metrics = {
+        "reward/score": jnp.mean(score),
+        "reward/mean": jnp.mean(rewards.sum(1)),
+        "kl": jnp.mean((kl * maskf).sum(1)),
+        "response_length": jnp.mean(maskf.sum(1)),
+        "truncated": jnp.mean(1.0 - ended.astype(jnp.float32)),
+        "values": masked_mean(values, maskf),
+    }
+    return out, metrics
+
+
+def actor_loss(model, batch, *, prompt_len: int, clip_ratio: float, entropy_coef: float, ptx_coef: float):
+    """Clipped policy loss (+ entropy bonus, + ptx_coef * causal-LM loss on `ptx_*` rows when present).
+
+        loss = policy_loss - entropy_coef * entropy + ptx_coef * ptx_loss
+    """
+    from jaxrl.algorithms.sft import sft_loss
+
+    mask = batch["response_mask"]
+    logprobs, logits = response_logprobs(model, batch["seq"], batch["attention_mask"], prompt_len)
+    loss, metrics = policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask, clip_ratio=clip_ratio)
+    entropy = entropy_from_logits(logits, mask)
+    loss = loss - entropy_coef * entropy
+    metrics = dict(metrics, entropy=entropy)
+    if ptx_coef > 0 and "ptx_input_ids" in batch:
+        ptx = {k[len("ptx_"):]: v for k, v in batch.items() if k.startswith("ptx_")}
+        ptx_loss, _ = sft_loss(model, ptx)
+        loss = loss + ptx_coef * ptx_loss
+        metrics["ptx_loss"] = ptx_loss
+    return loss, metrics
+
+
+def critic_loss(model, batch, *, prompt_len: int, value_clip: float, vf_coef: float):
+    """vf_coef * clipped value loss on the response tokens."""
+    values = response_values(model, batch["seq"], batch["attention_mask"], prompt_len)
+    loss, metrics = value_loss(values, batch["old_values"], batch["returns"], batch["response_mask"],
+                               value_clip=value_clip)
+    return vf_coef * loss, metrics

@@ -139,6 +139,6 @@ def schedule(cfg):
 
 # ------------------------------------------------------------------------------------------------ step 3
 def run_ppo(cfg):
-    from jaxrl.algorithms.ppo_run import run_ppo as _run
+    from jaxrl.algorithms.ppo_trainer import run_ppo as _run
 
     return _run(cfg)

@@ -102,14 +102,16 @@ def _lora(model, spec: ModelSpec):
     return add_lora(model, rank=spec.lora_rank, alpha=spec.lora_alpha, targets=spec.lora_targets, seed=spec.seed)
 
 
-def make_trainer(cfg: RunConfig, mesh, model, layout, loss_fn, *, lr: float | None = None) -> Trainer:
+def make_trainer(cfg: RunConfig, mesh, model, layout, loss_fn, *, lr: float | None = None,
+                 total_steps: int | None = None, lora: bool = True) -> Trainer:
+    """A Trainer with the run's optimizer (fp16 turns on loss scaling); `lora=False` trains every weight."""
     optim = cfg.optim if lr is None else dataclasses.replace(cfg.optim, lr=lr)
     loss_scale = None
     if cfg.precision.compute == "fp16":
         loss_scale = dataclasses.replace(cfg.precision.loss_scale, enabled=True)
-    optimizer = make_optimizer(optim, cfg.train.steps, loss_scale=loss_scale)
-    wrt = nnx.LoRAParam if cfg.model.lora.rank > 0 and cfg.model.lora.train_only_lora else nnx.Param
-    return Trainer(model, optimizer, loss_fn, mesh=mesh, layout=layout, wrt=wrt)
+    optimizer = make_optimizer(optim, total_steps or cfg.train.steps, loss_scale=loss_scale)
+    only_lora = lora and cfg.model.lora.rank > 0 and cfg.model.lora.train_only_lora
+    return Trainer(model, optimizer, loss_fn, mesh=mesh, layout=layout, wrt=nnx.LoRAParam if only_lora else nnx.Param)
 
 
 # ------------------------------------------------------------------------------------------------- data

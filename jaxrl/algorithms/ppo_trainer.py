@@ -1,0 +1,324 @@
+"""Step 3 wiring: four model roles, the Hybrid Engine rollout, and PPO epochs, in the shared loop.
+
+One PPO step = `ppo.generation_batches` rollouts (generated on the generation mesh, scored on the
+training mesh) followed by `ppo.epochs` passes over them in `ppo.mini_batches` mini-batches, each an
+optimizer step of the actor and of the critic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxrl.algorithms import ppo
+from jaxrl.config import RunConfig
+from jaxrl.data import synthetic
+from jaxrl.data.tokenize import tokenize_prompts, tokenize_sft
+from jaxrl.errors import JaxrlError
+from jaxrl.generation import SamplerConfig, generate_batch
+from jaxrl.models.transformer import Transformer
+from jaxrl.parallel.hybrid import HybridEngine, generation_mesh
+from jaxrl.precision import dtype_of
+from jaxrl.train import build
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Roles:
+    """The four models: two trained (actor, critic: Trainers) and two frozen (reference, reward)."""
+
+    actor: object
+    critic: object
+    ref: tuple  # (graphdef, state)
+    reward: tuple
+    hybrid: HybridEngine
+    arch: object
+    tokenizer: object
+
+
+def load_roles(cfg: RunConfig, mesh) -> Roles:
+    """Actor and reference from the SFT model (model.path); critic and reward from the reward model."""
+    reward_path = cfg.model.reward_path
+    if not reward_path:
+        raise JaxrlError("ppo needs model.reward_path: the HF directory written by `jaxrl reward` (its hf/)")
+    critic_path = cfg.model.critic_path or reward_path
+    tok = build.load_tokenizer(cfg.model.path)
+    arch = build.model_arch(cfg.model.path, tok)
+    stage = cfg.zero_stage
+    p = cfg.ppo
+    actor, layout = build.build_model(build.spec_from(cfg), arch, mesh, stage)
+    actor_loss = functools.partial(ppo.actor_loss, prompt_len=cfg.data.max_prompt_len, clip_ratio=p.clip_ratio,
+                                   entropy_coef=p.entropy_coef, ptx_coef=p.ptx_coef)
+    actor_trainer = build.make_trainer(cfg, mesh, actor, layout, actor_loss, total_steps=total_updates(cfg))
+    frozen = dataclasses.replace(build.spec_from(cfg), lora_rank=0, remat="none")
+    critic_spec = dataclasses.replace(build.spec_from(cfg, critic_path, kind="score"), lora_rank=0)
+    critic, critic_layout = build.build_model(critic_spec, build.model_arch(critic_path, tok), mesh, stage)
+    critic_loss = functools.partial(ppo.critic_loss, prompt_len=cfg.data.max_prompt_len, value_clip=p.value_clip,
+                                    vf_coef=p.vf_coef)
+    critic_trainer = build.make_trainer(cfg, mesh, critic, critic_layout, critic_loss, lr=p.critic_lr,
+                                        total_steps=total_updates(cfg), lora=False)
+    ref, _ = build.build_model(frozen, arch, mesh, stage)
+    reward_spec = dataclasses.replace(frozen, path=reward_path, kind="score")
+    reward, _ = build.build_model(reward_spec, build.model_arch(reward_path, tok), mesh, stage)
+    gen_dtype = dtype_of(cfg.generation.dtype)
+    hybrid = HybridEngine(
+        actor_trainer.graphdef,
+        lambda sh: Transformer(arch, rngs=nnx.Rngs(0), dtype=gen_dtype, shardings=sh),
+        generation_mesh(cfg.generation.mesh.data, cfg.generation.mesh.tensor), gen_dtype,
+    )
+    return Roles(actor_trainer, critic_trainer, nnx.split(ref), nnx.split(reward), hybrid, arch, tok)
+
+
+def total_updates(cfg: RunConfig) -> int:
+    p = cfg.ppo
+    return cfg.train.steps * p.epochs * p.mini_batches
+
+
+def sampler(cfg: RunConfig, roles: Roles, *, temperature=None) -> SamplerConfig:
+    g = cfg.generation
+    eos = roles.arch.eos_ids or (roles.tokenizer.eos_token_id,)
+    pad = roles.tokenizer.pad_token_id if roles.tokenizer.pad_token_id is not None else eos[0]
+    return SamplerConfig(max_new_tokens=g.max_new_tokens, temperature=g.temperature if temperature is None
+                         else temperature, top_k=g.top_k, top_p=g.top_p, eos_ids=tuple(eos), pad_id=pad)
+
+
+class PPO:
+    """Rollouts and updates for the shared loop; state = {'actor', 'critic', 'ema'}."""
+
+    def __init__(self, cfg: RunConfig, mesh, roles: Roles, prompts: dict, eval_prompts: dict | None,
+                 ptx: dict | None):
+        self.cfg, self.mesh, self.roles = cfg, mesh, roles
+        p = cfg.ppo
+        self.rows = p.rollout_batch_size
+        shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+        mb = self.rows * p.generation_batches // p.mini_batches
+        if self.rows % roles.hybrid.mesh.shape["data"] or mb % shards:
+            raise JaxrlError(f"ppo.rollout_batch_size={self.rows} must split over generation.mesh.data and, per "
+                             f"mini-batch ({mb} rows), over the {shards} training data-parallel devices")
+        self.mini_rows = mb
+        self.prompts = build.iterator(prompts, self.rows, cfg.seed)
+        self.eval_prompts = eval_prompts
+        self.ptx = build.iterator(ptx, mb, cfg.seed + 1) if ptx is not None else None
+        self.kl_coef = p.kl_coef
+        self.sampler = sampler(cfg, roles)
+        self.train_sharding = roles.actor.batch_sharding
+        self._experience = jax.jit(self._experience_fn)
+        self._take = jax.jit(lambda batch, idx: jax.tree.map(lambda x: x[idx], batch),
+                             out_shardings=self.train_sharding)
+        self._ema = jax.jit(functools.partial(ppo.ema_update, decay=p.ema), donate_argnums=0)
+
+    # -------------------------------------------------------------------------------------------- state
+    def init_state(self) -> dict:
+        actor = self.roles.actor.init_state()
+        ema = jax.tree.map(jnp.copy, actor.params) if self.cfg.ppo.ema > 0 else {}
+        return {"actor": actor, "critic": self.roles.critic.init_state(), "ema": ema}
+
+    def data_state(self) -> dict:
+        return {"prompts": self.prompts.state(), "kl_coef": self.kl_coef,
+                "ptx": self.ptx.state() if self.ptx else {}}
+
+    def restore_data(self, d: dict) -> None:
+        self.prompts.restore(d["prompts"])
+        self.kl_coef = float(d["kl_coef"])
+        if self.ptx and d.get("ptx"):
+            self.ptx.restore(d["ptx"])
+
+    # --------------------------------------------------------------------------------------------- step
+    def update(self, state: dict, step: int):
+        """One PPO step: rollouts, then epochs x mini-batches of actor and critic updates."""
+        p = self.cfg.ppo
+        times = {"time/generation": 0.0, "time/experience": 0.0}
+        rollouts, exp_metrics = [], []
+        for g in range(p.generation_batches):
+            rng = jax.random.fold_in(jax.random.key(self.cfg.seed), step * 1000 + g)
+            t0 = time.perf_counter()
+            batch = self.rollout(state["actor"], next(self.prompts), rng)
+            t1 = time.perf_counter()
+            exp, m = self.score(state, batch)
+            jax.block_until_ready(exp)
+            times["time/generation"] += t1 - t0
+            times["time/experience"] += time.perf_counter() - t1
+            rollouts.append(exp)
+            exp_metrics.append(m)
+        experience = jax.tree.map(lambda *xs: jnp.concatenate(xs), *rollouts) if len(rollouts) > 1 else rollouts[0]
+        t2 = time.perf_counter()
+        state, train_metrics = self.train(state, experience, step)
+        jax.block_until_ready(state)
+        times["time/train"] = time.perf_counter() - t2
+        metrics = build.weighted_mean([jax.device_get(m) for m in exp_metrics])
+        if p.adaptive_kl:
+            self.kl_coef = float(ppo.kl_coef_update(self.kl_coef, metrics["kl"], self.rows * p.generation_batches,
+                                                    target=p.kl_target, horizon=p.kl_horizon))
+        metrics.update(train_metrics, kl_coef=self.kl_coef, **times)
+        return state, metrics
+
+    def rollout(self, actor_state, prompts: dict, rng) -> dict:
+        """Generates on the generation mesh from a fresh generation copy of the actor, then drops it."""
+        hybrid = self.roles.hybrid
+        with jax.set_mesh(hybrid.mesh):
+            gen = build.to_device(prompts, hybrid.batch_sharding)
+            model = hybrid.generation_copy(actor_state.params, actor_state.frozen)
+            out = generate_batch(model, gen["input_ids"], gen["attention_mask"], self.sampler, rng,
+                                 batch_sharding=hybrid.batch_sharding)
+            del model  # the generation copy's memory goes back to training
+        batch = {
+            "seq": jnp.concatenate([gen["input_ids"], out["tokens"]], axis=1),
+            "attention_mask": jnp.concatenate([gen["attention_mask"], out["mask"]], axis=1),
+            "response_mask": out["mask"],
+        }
+        return jax.device_put(batch, self.train_sharding)  # device to device onto the training mesh
+
+    def score(self, state, batch):
+        a, c = state["actor"], state["critic"]
+        with jax.set_mesh(self.mesh):
+            return self._experience(a.params, a.frozen, self.roles.ref[1], c.params, c.frozen,
+                                    self.roles.reward[1], batch, jnp.float32(self.kl_coef))
+
+    def _experience_fn(self, actor_params, actor_frozen, ref_state, critic_params, critic_frozen, reward_state,
+                       batch, kl_coef):
+        p = self.cfg.ppo
+        r = self.roles
+        return ppo.experience(
+            nnx.merge(r.actor.graphdef, actor_params, actor_frozen), nnx.merge(r.ref[0], ref_state),
+            nnx.merge(r.critic.graphdef, critic_params, critic_frozen), nnx.merge(r.reward[0], reward_state),
+            batch, prompt_len=self.cfg.data.max_prompt_len, kl_coef=kl_coef, kl_estimator=p.kl_estimator,
+            clip_reward=p.clip_reward, gamma=p.gamma, lam=p.lam, whiten_advantages=p.whiten_advantages,
+            eos_ids=self.sampler.eos_ids)
+
+    def train(self, state, experience, step):
+        p = self.cfg.ppo
+        n = jax.tree.leaves(experience)[0].shape[0]
+        rng = np.random.RandomState([self.cfg.seed, step])
+        actor_m, critic_m = [], []
+        with jax.set_mesh(self.mesh):
+            for _ in range(p.epochs):
+                order = rng.permutation(n)
+                for i in range(p.mini_batches):
+                    idx = jnp.asarray(order[i * self.mini_rows:(i + 1) * self.mini_rows])
+                    mb = self._take(experience, idx)
+                    actor_mb = dict(mb, **self._ptx_batch()) if self.ptx else mb
+                    state["actor"], am = self.roles.actor.step(state["actor"], actor_mb)
+                    state["critic"], cm = self.roles.critic.step(state["critic"], mb)
+                    if p.ema > 0:
+                        state["ema"] = self._ema(state["ema"], state["actor"].params)
+                    actor_m.append(am)
+                    critic_m.append(cm)
+        actor_m = build.weighted_mean([jax.device_get(m) for m in actor_m])
+        critic_m = build.weighted_mean([jax.device_get(m) for m in critic_m])
+        keep = ("policy_loss", "clipfrac", "approx_kl", "entropy", "ptx_loss", "grad_norm")
+        out = {k: actor_m[k] for k in keep if k in actor_m}
+        out.update(value_loss=critic_m["value_loss"], vf_clipfrac=critic_m["vf_clipfrac"],
+                   loss=actor_m["loss"] + critic_m["loss"])
+        return state, out
+
+    def _ptx_batch(self) -> dict:
+        b = build.to_device(next(self.ptx), self.train_sharding)
+        return {f"ptx_{k}": v for k, v in b.items()}
+
+    # ------------------------------------------------------------------------------------------- evaluate
+    def evaluate(self, state, *, temperature=None) -> dict:
+        """Mean reward-model score of sampled responses to the held-out prompts (and, on the synthetic
+        task, the checker's task accuracy)."""
+        if self.eval_prompts is None:
+            return {}
+        cfg_s = dataclasses.replace(self.sampler, temperature=self.sampler.temperature
+                                    if temperature is None else temperature)
+        it = build.iterator(self.eval_prompts, self.rows, self.cfg.seed, shuffle=False, num_epochs=1)
+        scores, prompts, responses = [], [], []
+        count = 0
+        for i, batch in enumerate(it):
+            if count >= self.cfg.ppo.eval_prompts:
+                break
+            count += self.rows
+            rng = jax.random.fold_in(jax.random.key(self.cfg.seed + 7), i)
+            old = self.sampler
+            self.sampler = cfg_s
+            try:
+                rolled = self.rollout(state["actor"], batch, rng)
+            finally:
+                self.sampler = old
+            with jax.set_mesh(self.mesh):
+                score = self._score_only(self.roles.reward[1], rolled)
+            scores.append(np.asarray(jax.device_get(score)))
+            prompts += self.decode(batch["input_ids"], batch["attention_mask"])
+            responses += self.decode(np.asarray(rolled["seq"])[:, self.cfg.data.max_prompt_len:],
+                                     np.asarray(rolled["response_mask"]))
+        out = {"score": float(np.mean(np.concatenate(scores)))} if scores else {}
+        if scores and self.cfg.data.paths == ("synthetic",):
+            out["task_accuracy"] = synthetic.task_accuracy(prompts, responses)
+        return out
+
+    @functools.cached_property
+    def _score_only(self):
+        graphdef = self.roles.reward[0]
+        return jax.jit(lambda st, b: nnx.merge(graphdef, st).sequence_score(b["seq"], b["attention_mask"]))
+
+    def decode(self, ids, mask) -> list[str]:
+        ids, mask = np.asarray(ids), np.asarray(mask)
+        return [self.roles.tokenizer.decode(row[m.astype(bool)].tolist(), skip_special_tokens=True)
+                for row, m in zip(ids, mask)]
+
+
+def load_prompts(cfg: RunConfig, tokenizer):
+    """Training and held-out prompt arrays (left-padded to data.max_prompt_len), and the ptx rows."""
+    enc = build.encoder(tokenizer)
+    if cfg.data.paths == ("synthetic",):
+        train, _ = build.load_split(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_fraction=0.0)),
+                                    "prompt", tokenizer)
+        paths, _ = build.dataset_paths(cfg, "eval")
+        from jaxrl.data.dataset import load_records
+
+        evals = load_records(paths, need="prompt", seed=cfg.seed).records
+    else:
+        train, evals = build.load_split(cfg, "prompt", tokenizer)
+    train_arrays = tokenize_prompts(train, enc, max_prompt_len=cfg.data.max_prompt_len).arrays
+    eval_arrays = tokenize_prompts(evals, enc, max_prompt_len=cfg.data.max_prompt_len).arrays if evals else None
+    ptx = None
+    if cfg.ppo.ptx_coef > 0:
+        from jaxrl.data.dataset import load_records
+
+        recs = load_records(cfg.data.ptx_path, need="sft", seed=cfg.seed, tokenizer=tokenizer).records
+        ptx = tokenize_sft(recs, enc, max_len=cfg.data.max_prompt_len + cfg.generation.max_new_tokens,
+                           max_prompt_len=cfg.data.max_prompt_len, loss_on_prompt=True).arrays
+    return train_arrays, eval_arrays, ptx
+
+
+def run_ppo(cfg: RunConfig) -> dict:
+    """`jaxrl ppo`: trains the actor and critic; writes OUTPUT/hf (actor), hf-critic, hf-ema."""
+    from jaxrl.commands.train import schedule
+    from jaxrl.models.hf import save_pretrained
+    from jaxrl.train import loop
+
+    mesh = build.training_mesh(cfg)
+    roles = load_roles(cfg, mesh)
+    prompts, eval_prompts, ptx = load_prompts(cfg, roles.tokenizer)
+    trainer = PPO(cfg, mesh, roles, prompts, eval_prompts, ptx)
+    result = {}
+
+    def evaluate(state):
+        result.update(trainer.evaluate(state))
+        return dict(result)
+
+    def export(state, directory):
+        with jax.set_mesh(mesh):
+            save_pretrained(roles.actor.model(state["actor"]), directory, tokenizer=roles.tokenizer)
+            if directory.endswith("hf"):
+                save_pretrained(roles.critic.model(state["critic"]), directory + "-critic", tokenizer=roles.tokenizer)
+                if cfg.ppo.ema > 0:
+                    ema = nnx.merge(roles.actor.graphdef, state["ema"], state["actor"].frozen)
+                    save_pretrained(ema, directory + "-ema", tokenizer=roles.tokenizer)
+
+    state = trainer.init_state()
+    spec = loop.Loop(name="ppo", steps=cfg.train.steps, state=state, update=trainer.update, evaluate=evaluate,
+                     export=export, data_state=trainer.data_state, restore_data=trainer.restore_data,
+                     show=("reward/score", "kl"), allow_nonfinite=cfg.precision.compute == "fp16")
+    loop.run(spec, schedule(cfg), cfg.output)
+    return result

@@ -1,0 +1,66 @@
+"""The Hybrid Engine: the actor trains on the training mesh and generates on the generation mesh.
+
+DeepSpeed-Chat gathers ZeRO-3 shards, swaps in inference kernels with tensor parallelism, generates,
+and goes back. Here that is one jitted function: from the training layout (any ZeRO stage, fp32 master,
+possibly with LoRA branches) to the generation layout on the same devices, arranged as
+`generation.mesh.data` x `generation.mesh.tensor` (heads and MLP width over 'tensor', replicated over
+'data'), cast to the inference dtype, with LoRA folded into the kernels. XLA moves the bytes device to
+device (all-gather / all-to-all), never through the host. The copy is dropped after the rollout, so its
+memory is free again for training.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxrl.models.lora import merge_lora
+from jaxrl.parallel.mesh import make_mesh
+from jaxrl.parallel.sharding import DATA_AXES, model_shardings, spec_tree
+
+
+def generation_mesh(data: int, tensor: int, devices=None):
+    """The generation mesh over the same devices: ('data', 'fsdp'=1, 'tensor')."""
+    return make_mesh(data, 1, tensor, devices=devices, what="generation.mesh")
+
+
+class HybridEngine:
+    """Reshards a trainer's actor into a generation copy.
+
+    Args:
+      graphdef: the actor's NNX graph (as split by the Trainer: trainable params, then the rest).
+      build: `build(shardings) -> model` for the architecture in the inference dtype, without LoRA (used
+        abstractly: it fixes the generation copy's layout and compute dtype).
+      gen_mesh: the generation mesh; dtype: the inference dtype.
+    """
+
+    def __init__(self, graphdef, build, gen_mesh, dtype=jnp.bfloat16):
+        self.mesh = gen_mesh
+        self.dtype = dtype
+        self.graphdef = graphdef
+        tensor = gen_mesh.shape["tensor"] > 1
+        with jax.set_mesh(gen_mesh):
+            abstract = nnx.eval_shape(lambda: build(model_shardings(shard_params=False, tensor=tensor)))
+        self.gen_graphdef, abstract_state = nnx.split(abstract)
+        self.specs = spec_tree(abstract_state)
+        self.shardings = jax.tree.map(lambda s: NamedSharding(gen_mesh, s), self.specs,
+                                      is_leaf=lambda x: isinstance(x, P))
+        self._reshard = jax.jit(self._to_generation, out_shardings=self.shardings)
+        self.batch_sharding = NamedSharding(gen_mesh, P(DATA_AXES))
+
+    def _to_generation(self, params, frozen):
+        model = merge_lora(nnx.merge(self.graphdef, params, frozen))
+        state = nnx.to_pure_dict(nnx.state(model))
+        return jax.tree.map(lambda x: x.astype(self.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+
+    def generation_copy(self, params: dict, frozen: dict) -> nnx.Module:
+        """The actor on the generation mesh in the inference dtype (one jitted resharding step).
+
+        Drop it (let it go out of scope) after the rollout.
+        """
+        state = self._reshard(params, frozen)
+        return nnx.merge(self.gen_graphdef, state)
+
