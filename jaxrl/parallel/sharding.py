@@ -146,3 +146,45 @@ def zero_layout(build, mesh, stage: int) -> Layout:
         grad=sharded if stage >= 2 else replicated,
         opt=sharded if stage >= 1 else replicated,
     )
+
+
+def generic_zero_layout(abstract_state, mesh, stage: int) -> Layout:
+    """Layout for any model at ZeRO `stage`, from its state's shapes alone (no ModelShardings needed).
+
+    The partitioned spec of an array puts the data axes ('data', 'fsdp' together, `n` devices) on its
+    largest dimension that `n` divides, first such on ties; an array with no such dimension (a scalar,
+    a bias of 10, an RNG key) stays replicated. Stage 3 uses it for parameters, stage 2 and up for
+    gradients, stage 1 and up for the optimizer state; everything else is replicated.
+
+    Args:
+      abstract_state: the model's state: `nnx.state(model)` (concrete or `nnx.eval_shape`'d) or its pure
+        dict (`nnx.to_pure_dict`); only shapes and dtypes are read.
+      mesh: the training mesh; stage: 0, 1, 2 or 3.
+    Returns:
+      a Layout of pure-dict spec trees with the paths of `nnx.to_pure_dict(state)`.
+    """
+    from flax import nnx
+
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {stage}")
+    tree = nnx.to_pure_dict(abstract_state) if isinstance(abstract_state, nnx.State) else abstract_state
+    n = math.prod(mesh.shape[a] for a in DATA_AXES)
+
+    def partitioned(x) -> P:
+        shape, dtype = tuple(getattr(x, "shape", ())), getattr(x, "dtype", None)
+        if n == 1 or (dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)):
+            return P()
+        fits = [d for d, size in enumerate(shape) if size >= n and size % n == 0]
+        if not fits:
+            return P()
+        best = max(fits, key=lambda d: (shape[d], -d))
+        return P(*(DATA_AXES if d == best else None for d in range(best + 1)))
+
+    sharded = jax.tree.map(partitioned, tree)
+    replicated = jax.tree.map(lambda _: P(), tree)
+    return Layout(
+        stage=stage,
+        param=sharded if stage >= 3 else replicated,
+        grad=sharded if stage >= 2 else replicated,
+        opt=sharded if stage >= 1 else replicated,
+    )
