@@ -183,5 +183,25 @@ def make_optimizer(
     inner = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm > 0 else adamw
     tx = _with_skipping(inner, ls)
     if cfg.grad_accum > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum).gradient_transformation()
+        tx = accumulate(tx, cfg.grad_accum)
     return tx
+
+
+def accumulate(tx: optax.GradientTransformation, every: int) -> optax.GradientTransformation:
+    """`optax.MultiSteps(tx, every)`, with the accumulator reset by selection after each window.
+
+    MultiSteps clears its accumulator by multiplying it with 0, and `0 * inf` is NaN: after one fp16
+    overflow every later window would be non-finite and skipped. Selecting zeros keeps the overflow
+    confined to its own window, as DeepSpeed's skipped step is.
+    """
+    if every == 1:
+        return tx
+    multi = optax.MultiSteps(tx, every_k_schedule=every)
+
+    def update(grads, state, params=None):
+        updates, state = multi.update(grads, state, params)
+        fresh = state.mini_step == 0
+        acc = jax.tree.map(lambda a: jnp.where(fresh, jnp.zeros_like(a), a), state.acc_grads)
+        return updates, state._replace(acc_grads=acc)
+
+    return optax.GradientTransformation(multi.init, update)
