@@ -407,6 +407,8 @@ class DataSection:
     eval_fraction: float = 0.05
     # Pack several short sequences into one row (SFT).
     packing: bool = False
+    # Where the built-in 'synthetic' dataset is written; empty: OUTPUT/data.
+    cache_dir: str = ""
     # Pre-training data mixed into PPO (the ptx loss, weighted by ppo.ptx_coef); empty: none.
     ptx_path: str = ""
 
@@ -614,6 +616,23 @@ class DistributedSection:
 
 
 @_section
+class PipelineSection:
+    """`jaxrl pipeline`: each step runs with the shared config plus its own key=value overrides."""
+
+    # Overrides for step 1 (SFT) only, e.g. ["train.steps=200", "optim.lr=1e-3"].
+    sft: tuple[str, ...] = ()
+    # Overrides for step 2 (reward model); model.path here picks its base (default: the SFT model).
+    reward: tuple[str, ...] = ()
+    # Overrides for step 3 (PPO).
+    ppo: tuple[str, ...] = ()
+    # Held-out prompts sampled for the task-accuracy figures of summary.json (synthetic task).
+    eval_prompts: int = 256
+
+    def __post_init__(self):
+        _check_positive(self, "eval_prompts")
+
+
+@_section
 class RunConfig:
     """Everything one run reads; each command uses the sections it needs."""
 
@@ -632,6 +651,7 @@ class RunConfig:
     reward: RewardSection = _sub(RewardSection)
     ppo: PpoSection = _sub(PpoSection)
     distributed: DistributedSection = _sub(DistributedSection)
+    pipeline: PipelineSection = _sub(PipelineSection)
     # The run's seed (parameters, data order, sampling).
     seed: int = 0
     # Output directory (also `--output`).

@@ -120,7 +120,7 @@ def dataset_paths(cfg: RunConfig, kind: str) -> tuple[tuple[str, ...], bool]:
     file per step (written under OUTPUT/data on first use), so no split."""
     if cfg.data.paths != ("synthetic",):
         return cfg.data.paths, True
-    directory = os.path.join(cfg.output, "data")
+    directory = cfg.data.cache_dir or os.path.join(cfg.output, "data")
     files = {key: os.path.join(directory, name) for key, name in synthetic.DATASET_FILES.items()}
     if not all(os.path.exists(f) for f in files.values()) and jax.process_index() == 0:
         synthetic.write_dataset_files(directory, seed=cfg.seed)

@@ -1,0 +1,162 @@
+"""`jaxrl pipeline`: SFT -> reward model -> PPO, each step's output feeding the next (DeepSpeed-Chat's
+e2e_rlhf.py), resumable at any point; writes OUTPUT/summary.json.
+
+Layout: OUTPUT/step1_sft, OUTPUT/step2_reward, OUTPUT/step3_ppo (each a normal run directory with its hf/
+export), OUTPUT/data (the synthetic dataset, when used). A finished step leaves `done.json` and is
+skipped on a rerun; an interrupted one resumes from its checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+STEP_DIRS = {1: "step1_sft", 2: "step2_reward", 3: "step3_ppo"}
+
+
+def add_arguments(parser) -> None:
+    from jaxrl.commands.train import add_arguments as common
+
+    common(parser)
+    parser.add_argument("--steps", default="1,2,3", help="which steps to run, e.g. 2,3 (default: 1,2,3)")
+
+
+def run(args) -> int:
+    from jaxrl.commands.train import load_run_config
+
+    if args.config is None:  # the embedded default: tiny model, synthetic task, CPU
+        args.config = default_config()
+    cfg = load_run_config(args)
+    steps = parse_steps(args.steps)
+    summary = run_pipeline(cfg, steps)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def default_config() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    packaged = os.path.join(here, "configs", "tiny.yaml")
+    repo = os.path.join(os.path.dirname(here), "configs", "tiny.yaml")
+    return packaged if os.path.exists(packaged) else repo
+
+
+def parse_steps(text: str) -> tuple[int, ...]:
+    from jaxrl.errors import JaxrlError
+
+    try:
+        steps = tuple(sorted({int(s) for s in text.split(",") if s.strip()}))
+    except ValueError:
+        steps = ()
+    if not steps or not set(steps) <= {1, 2, 3}:
+        raise JaxrlError(f"--steps {text!r}: give a comma-separated subset of 1,2,3 (e.g. --steps 2,3)")
+    return steps
+
+
+def run_pipeline(cfg, steps=(1, 2, 3)) -> dict:
+    """Runs the chosen steps; a later step reads the earlier steps' exports, which must exist."""
+    from jaxrl.commands.train import run_reward, run_sft
+    from jaxrl.config import apply_overrides
+
+    out = cfg.output
+    dirs = {i: os.path.join(out, d) for i, d in STEP_DIRS.items()}
+    shared = [f"data.cache_dir={cfg.data.cache_dir or os.path.join(out, 'data')}"]
+    sft_hf, reward_hf = os.path.join(dirs[1], "hf"), os.path.join(dirs[2], "hf")
+    p = cfg.pipeline
+    summary = _read(os.path.join(out, "summary.json"))
+
+    if 1 in steps:
+        c1 = apply_overrides(cfg, shared + list(p.sft) + [f"output={dirs[1]}"])
+        result = _step(dirs[1], lambda: run_sft(c1))
+        summary["sft"] = {"eval_loss": result.get("loss"), **_task_accuracy(c1, sft_hf, "task_accuracy")}
+        _write(out, summary)
+    if 2 in steps:
+        _require(sft_hf, "step 1 (SFT)")
+        c2 = apply_overrides(cfg, shared + [f"model.path={sft_hf}"] + list(p.reward) + [f"output={dirs[2]}"])
+        result = _step(dirs[2], lambda: run_reward(c2))
+        summary["reward"] = {"pairwise_accuracy": result.get("accuracy"), "margin": result.get("margin")}
+        _write(out, summary)
+    if 3 in steps:
+        from jaxrl.algorithms.ppo_trainer import run_ppo
+        from jaxrl.train.metrics import read_metrics
+
+        _require(sft_hf, "step 1 (SFT)")
+        _require(reward_hf, "step 2 (reward model)")
+        c3 = apply_overrides(cfg, shared + [f"model.path={sft_hf}", f"model.reward_path={reward_hf}"]
+                             + list(p.ppo) + [f"output={dirs[3]}"])
+        _step(dirs[3], lambda: run_ppo(c3))
+        logged = [m for m in read_metrics(dirs[3]) if "kl" in m]
+        tail = logged[-max(1, len(logged) // 5):]  # the last fifth of the run: where PPO ended up
+        summary["ppo"] = {
+            **_task_accuracy(c3, sft_hf, "task_accuracy_before"),
+            **_task_accuracy(c3, os.path.join(dirs[3], "hf"), "task_accuracy_after"),
+            "kl": sum(m["kl"] for m in tail) / len(tail),
+            "reward_score_first": logged[0]["reward/score"], "reward_score_last": tail[-1]["reward/score"],
+        }
+        _write(out, summary)
+    return summary
+
+
+def _step(directory: str, fn) -> dict:
+    """Runs a step unless its done.json says it finished; returns its final eval metrics."""
+    done = os.path.join(directory, "done.json")
+    if os.path.exists(done):
+        return _read(done)
+    result = fn() or {}
+    _write_json(done, result)
+    return result
+
+
+def _task_accuracy(cfg, model_dir: str, key: str) -> dict:
+    """Checker accuracy of sampled answers to held-out prompts (synthetic task only)."""
+    if cfg.data.paths != ("synthetic",):
+        return {}
+    import jax
+    from transformers import AutoTokenizer
+
+    from jaxrl.data import synthetic
+    from jaxrl.generation import generate
+    from jaxrl.models.hf import load_pretrained
+    from jaxrl.train.build import dataset_paths
+
+    (path,), _ = dataset_paths(cfg, "eval")
+    with open(path) as f:
+        prompts = [json.loads(line)["prompt"] for line in f][: cfg.pipeline.eval_prompts]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    with jax.default_device(jax.devices()[0]):
+        model = load_pretrained(model_dir)
+        out = generate(model, ids, max_new_tokens=cfg.generation.max_new_tokens,
+                       temperature=cfg.generation.temperature, top_p=cfg.generation.top_p,
+                       top_k=cfg.generation.top_k, seed=cfg.seed + 12345, batch_size=64)
+    responses = [tok.decode(o, skip_special_tokens=True) for o in out]
+    return {key: synthetic.task_accuracy(prompts, responses)}
+
+
+def _require(path: str, step: str) -> None:
+    from jaxrl.errors import JaxrlError
+
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise JaxrlError(f"{path} does not exist: run {step} first (e.g. --steps 1,2,3)")
+
+
+def _read(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write(out: str, summary: dict) -> None:
+    _write_json(os.path.join(out, "summary.json"), summary)
+
+
+def _write_json(path: str, data: dict) -> None:
+    import jax
+
+    if jax.process_index() != 0:
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
