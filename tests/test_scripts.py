@@ -383,8 +383,11 @@ def test_shellcheck_is_clean():
 
 
 def _doc_commands():
-    """(exported settings, script words) for each script call in docs/scaling_out.md's code blocks."""
-    text = (ROOT / "docs" / "scaling_out.md").read_text()
+    """(exported settings, script words) for each script call in the README's "Scaling out" code blocks."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("## Scaling out")
+    end = readme.find("\n## ", start + 1)
+    text = readme[start:end if end > 0 else None]
     env, commands = {}, []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
