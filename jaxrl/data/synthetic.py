@@ -3,7 +3,7 @@
 Why this task suits the demo. A tiny transformer learns addition of numbers below 100 from a few thousand
 examples on CPU, and every answer can be checked exactly (`check`), so "PPO raised accuracy" is a number
 on held-out problems rather than a judgement. The SFT data is deliberately noisy: a fraction `sft_noise`
-of its answers are *plausible* mistakes (off by one, off by ten, two digits swapped, a dropped carry), so
+of its answers are *plausible* mistakes (off by ten, two digits swapped, a dropped carry), so
 the SFT model learns the right answer as its most likely one but, when sampled, reproduces those mistakes
 at about that rate. The preference pairs are clean (chosen = correct, rejected = the same kinds of
 mistake), so the reward model learns exactly the distinction the SFT model blurs, and PPO has a clear
@@ -54,9 +54,10 @@ CHAT_TEMPLATE = (
 )
 
 _PROBLEM = re.compile(r"(\d+)\+(\d+)=")
-# Mistake kinds and how often each is drawn; off-by-one (a units-digit error) is the most common because
-# it is the easiest for a reward model to learn to spot, which gives PPO its first signal early.
-_MISTAKES = {"off_by_one": 0.4, "off_by_ten": 0.2, "swap_digits": 0.2, "dropped_carry": 0.2}
+# Mistake kinds and how often each is drawn. Off-by-one (a units-digit slip) is left out on purpose: a
+# tiny reward model tells it from the right answer only ~73% of the time (measured; ~99% for the kinds
+# below), and PPO then learns to move its probability onto exactly those blind spots.
+_MISTAKES = {"off_by_ten": 0.4, "swap_digits": 0.3, "dropped_carry": 0.3}
 
 
 def make_task_rows(
@@ -236,7 +237,6 @@ def _plausible_mistake(a: int, b: int, rng: np.random.Generator) -> str:
     digits = str(s)
     carry_free = int("".join(str((int(x) + int(y)) % 10) for x, y in zip(f"{a:04d}", f"{b:04d}")))
     candidates = {
-        "off_by_one": [s - 1, s + 1],
         "off_by_ten": [s - 10, s + 10],
         "swap_digits": [int(digits[:i] + digits[i + 1] + digits[i] + digits[i + 2:])
                         for i in range(len(digits) - 1)],
