@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxrl.models.lora import merge_lora
-from jaxrl.parallel.mesh import make_mesh
+from jaxrl.parallel.mesh import make_mesh, settle
 from jaxrl.parallel.sharding import DATA_AXES, model_shardings, spec_tree
 
 
@@ -61,6 +61,6 @@ class HybridEngine:
 
         Drop it (let it go out of scope) after the rollout.
         """
-        state = self._reshard(params, frozen)
+        state = settle(self._reshard(params, frozen))
         return nnx.merge(self.gen_graphdef, state)
 

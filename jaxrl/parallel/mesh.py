@@ -89,3 +89,15 @@ def _in_cluster() -> bool:
         return True
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     return "," in hosts
+
+
+def settle(tree):
+    """Waits for `tree` on XLA:CPU with several devices; returns it. A no-op on accelerators.
+
+    Simulated CPU devices run each program's collectives on a shared thread pool; two programs with
+    collectives in flight at once (say the actor's and the critic's train steps, dispatched back to back)
+    can each hold part of the pool while waiting for the rest, and deadlock (seen on 2 cores).
+    """
+    if jax.default_backend() == "cpu" and jax.device_count() > 1:
+        jax.block_until_ready(tree)
+    return tree

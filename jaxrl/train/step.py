@@ -22,6 +22,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxrl.parallel.mesh import settle
 from jaxrl.parallel.sharding import DATA_AXES, Layout, manual_spec, zero_dim
 from jaxrl.precision import loss_scale_of, skipped_steps_of
 
@@ -103,13 +104,23 @@ class Trainer:
         return TrainState(params=params, frozen=frozen, opt_state=opt_state,
                           step=jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings.step))
 
+    def abstract_state(self) -> TrainState:
+        """The TrainState as `jax.ShapeDtypeStruct`s carrying their shardings, for ahead-of-time lowering
+        (`self.lower(self.abstract_state(), batch)`); allocates nothing, so it also works on a model built
+        with `nnx.eval_shape` (as `jaxrl plan` does). Call it before `init_state`."""
+        params, frozen = self._init_params
+        shapes = TrainState(params=params, frozen=frozen, opt_state=jax.eval_shape(self.optimizer.init, params),
+                            step=jax.ShapeDtypeStruct((), jnp.int32))
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                            self.state_shardings)
+
     def model(self, state: TrainState) -> nnx.Module:
         """The NNX model holding `state`'s parameters (shared buffers, no copy)."""
         return nnx.merge(self.graphdef, state.params, state.frozen)
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One micro-batch: gradients, and an optimizer update on every `grad_accum`-th call."""
-        return self._step(state, batch)
+        return settle(self._step(state, batch))
 
     def evaluate(self, state: TrainState, batch: dict) -> dict:
         """The loss function's metrics on a batch, no update (GSPMD over the whole batch)."""
