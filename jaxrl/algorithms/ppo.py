@@ -204,7 +204,7 @@ def value_loss(values, old_values, returns, mask, *, value_clip):
 
         V_clip = V_old + clip(V - V_old, -value_clip, value_clip)
         loss   = 0.5 * mean_t max((V_t - R_t)^2, (V_clip_t - R_t)^2)
-        vf_clipfrac = mean_t [clipped term > unclipped term]
+        vf_clipfrac = mean_t [clipped term > unclipped term and |V_t - V_old_t| > value_clip]
 
     Args:
       values: (B, T) the critic's current values (gradients flow through these).
@@ -223,7 +223,9 @@ def value_loss(values, old_values, returns, mask, *, value_clip):
     loss = 0.5 * masked_mean(jnp.maximum(unclipped, clipped), mask)
     metrics = {
         "value_loss": loss,
-        "vf_clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+        # Inside the clip range V_old + (V - V_old) can round 1 ulp away from V: count only true clips.
+        "vf_clipfrac": masked_mean(((clipped > unclipped) & (jnp.abs(values - old_values) > value_clip))
+                                   .astype(jnp.float32), mask),
         "weight": jnp.sum(mask.astype(jnp.float32)),
     }
     return loss, metrics
@@ -345,7 +347,12 @@ def actor_loss(model, batch, *, prompt_len: int, clip_ratio: float, entropy_coef
     metrics = dict(metrics, entropy=entropy)
     if ptx_coef > 0 and "ptx_input_ids" in batch:
         ptx = {k[len("ptx_"):]: v for k, v in batch.items() if k.startswith("ptx_")}
-        ptx_loss, _ = sft_loss(model, ptx)
+        ptx_loss, ptx_m = sft_loss(model, ptx)
+        if "ptx_ratio" in batch:
+            # The data-parallel step weights each device's loss by its response tokens (`weight`); times
+            # (ptx tokens / response tokens here) * ratio (= global response / global ptx tokens, per row),
+            # the ptx term averages over the global ptx batch's tokens, as on one device.
+            ptx_loss = ptx_loss * ptx_m["weight"] / jnp.maximum(metrics["weight"], 1.0) * batch["ptx_ratio"][0]
         loss = loss + ptx_coef * ptx_loss
         metrics["ptx_loss"] = ptx_loss
     return loss, metrics

@@ -25,6 +25,7 @@ from jaxrl.errors import JaxrlError
 from jaxrl.generation import SamplerConfig, generate_batch
 from jaxrl.models.transformer import Transformer
 from jaxrl.parallel.hybrid import HybridEngine, generation_mesh
+from jaxrl.parallel.mesh import settle
 from jaxrl.precision import dtype_of
 from jaxrl.train import build
 
@@ -72,7 +73,8 @@ def load_roles(cfg: RunConfig, mesh) -> Roles:
     hybrid = HybridEngine(
         actor_trainer.graphdef,
         lambda sh: Transformer(arch, rngs=nnx.Rngs(0), dtype=gen_dtype, shardings=sh),
-        generation_mesh(cfg.generation.mesh.data, cfg.generation.mesh.tensor), gen_dtype,
+        generation_mesh(cfg.generation.mesh.data, cfg.generation.mesh.tensor, devices=mesh.devices.flatten()),
+        gen_dtype,
     )
     return Roles(actor_trainer, critic_trainer, nnx.split(ref), nnx.split(reward), hybrid, arch, tok)
 
@@ -174,13 +176,13 @@ class PPO:
             "attention_mask": jnp.concatenate([gen["attention_mask"], out["mask"]], axis=1),
             "response_mask": out["mask"],
         }
-        return jax.device_put(batch, self.train_sharding)  # device to device onto the training mesh
+        return settle(jax.device_put(batch, self.train_sharding))  # device to device onto the training mesh
 
     def score(self, state, batch):
         a, c = state["actor"], state["critic"]
         with jax.set_mesh(self.mesh):
-            return self._experience(a.params, a.frozen, self.roles.ref[1], c.params, c.frozen,
-                                    self.roles.reward[1], batch, jnp.float32(self.kl_coef))
+            return settle(self._experience(a.params, a.frozen, self.roles.ref[1], c.params, c.frozen,
+                                           self.roles.reward[1], batch, jnp.float32(self.kl_coef)))
 
     def _experience_fn(self, actor_params, actor_frozen, ref_state, critic_params, critic_frozen, reward_state,
                        batch, kl_coef):
@@ -203,8 +205,8 @@ class PPO:
                 order = rng.permutation(n)
                 for i in range(p.mini_batches):
                     idx = jnp.asarray(order[i * self.mini_rows:(i + 1) * self.mini_rows])
-                    mb = self._take(experience, idx)
-                    actor_mb = dict(mb, **self._ptx_batch()) if self.ptx else mb
+                    mb = settle(self._take(experience, idx))
+                    actor_mb = dict(mb, **self._ptx_batch(mb)) if self.ptx else mb
                     state["actor"], am = self.roles.actor.step(state["actor"], actor_mb)
                     state["critic"], cm = self.roles.critic.step(state["critic"], mb)
                     if p.ema > 0:
@@ -219,9 +221,18 @@ class PPO:
                    loss=actor_m["loss"] + critic_m["loss"])
         return state, out
 
-    def _ptx_batch(self) -> dict:
+    def _ptx_batch(self, mb: dict) -> dict:
         b = build.to_device(next(self.ptx), self.train_sharding)
+        b["ratio"] = self._ptx_ratio(mb["response_mask"], b["loss_mask"])  # see ppo.actor_loss
         return {f"ptx_{k}": v for k, v in b.items()}
+
+    @functools.cached_property
+    def _ptx_ratio(self):
+        """(global response tokens / global ptx target tokens), one copy per ptx row."""
+        def ratio(response_mask, loss_mask):
+            r = response_mask.sum() / jnp.maximum(loss_mask[:, 1:].sum(), 1)
+            return jnp.full(loss_mask.shape[:1], r, jnp.float32)
+        return jax.jit(ratio, out_shardings=self.train_sharding)
 
     # ------------------------------------------------------------------------------------------- evaluate
     def evaluate(self, state, *, temperature=None) -> dict:
