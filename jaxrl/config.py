@@ -567,7 +567,7 @@ class PpoSection:
     lam: float = 0.95
     # Whiten advantages over the batch.
     whiten_advantages: bool = True
-    # Normalize rewards by a running mean and standard deviation.
+    # Standardise reward-model scores by their running mean and standard deviation before clipping.
     normalize_reward: bool = False
     # Entropy bonus weight.
     entropy_coef: float = 0.0

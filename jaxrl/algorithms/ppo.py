@@ -298,13 +298,30 @@ def response_values(critic, seq, attention_mask, prompt_len: int):
     return critic(seq, attention_mask)[:, prompt_len - 1:-1]
 
 
+def update_moments(stats, x):
+    """Running (count, mean, M2) merged with the samples x (Chan et al.'s parallel update)."""
+    count, mean, m2 = stats
+    n = jnp.float32(x.size)
+    b_mean = jnp.mean(x)
+    b_m2 = jnp.sum(jnp.square(x - b_mean))
+    total = count + n
+    delta = b_mean - mean
+    return total, mean + delta * n / total, m2 + b_m2 + jnp.square(delta) * count * n / total
+
+
 def experience(actor, ref, critic, reward, batch, *, prompt_len: int, kl_coef, kl_estimator: str,
-               clip_reward: float, gamma: float, lam: float, whiten_advantages: bool, eos_ids: tuple[int, ...]):
+               clip_reward: float, gamma: float, lam: float, whiten_advantages: bool, eos_ids: tuple[int, ...],
+               score_stats=None):
     """Scores one rollout batch: old/ref log-probs, values, rewards, GAE (no gradients).
 
     The reward model reads each sequence at its last real token, the same position as in step 2: the
     response's EOS, or its last token when generation stopped at the length limit. Those truncated rows
     keep their score (as in DeepSpeed-Chat) and are counted in `truncated`.
+
+    With `score_stats` = running (count, mean, M2) of the scores seen so far (`ppo.normalize_reward`),
+    scores are standardised by the running statistics including this batch before they are clipped to
+    +-clip_reward, so the clip keeps its meaning whatever scale the reward model learned; the updated
+    statistics come back in the metrics (`score_count`, `score_mean`, `score_m2`).
     """
     seq, attn, mask = batch["seq"], batch["attention_mask"], batch["response_mask"]
     old, _ = response_logprobs(actor, seq, attn, prompt_len)
@@ -313,6 +330,11 @@ def experience(actor, ref, critic, reward, batch, *, prompt_len: int, kl_coef, k
     score = reward.sequence_score(seq, attn)
     last = jnp.take_along_axis(seq[:, prompt_len:], jnp.maximum(mask.sum(1) - 1, 0)[:, None], axis=1)[:, 0]
     ended = jnp.isin(last, jnp.asarray(eos_ids)) & (mask.sum(1) > 0)
+    raw_score = score
+    if score_stats is not None:
+        score_stats = update_moments(score_stats, score.astype(jnp.float32))
+        count, mean, m2 = score_stats
+        score = (score - mean) / jnp.sqrt(m2 / jnp.maximum(count - 1.0, 1.0) + 1e-8)
     kl = kl_penalty(old, ref_lp, kl_estimator)
     rewards = shaped_rewards(score, kl, mask, kl_coef=kl_coef, clip_reward=clip_reward, ended=ended)
     advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=lam)
@@ -322,13 +344,15 @@ def experience(actor, ref, critic, reward, batch, *, prompt_len: int, kl_coef, k
     out = dict(batch, old_logprobs=old, ref_logprobs=ref_lp, old_values=values, advantages=advantages,
                returns=returns)
     metrics = {
-        "reward/score": jnp.mean(score),
+        "reward/score": jnp.mean(raw_score),
         "reward/mean": jnp.mean(rewards.sum(1)),
         "kl": jnp.mean((kl * maskf).sum(1)),
         "response_length": jnp.mean(maskf.sum(1)),
         "truncated": jnp.mean(1.0 - ended.astype(jnp.float32)),
         "values": masked_mean(values, maskf),
     }
+    if score_stats is not None:
+        metrics.update(score_count=score_stats[0], score_mean=score_stats[1], score_m2=score_stats[2])
     return out, metrics
 
 

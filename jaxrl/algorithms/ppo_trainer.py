@@ -110,6 +110,7 @@ class PPO:
         self.eval_prompts = eval_prompts
         self.ptx = build.iterator(ptx, mb, cfg.seed + 1) if ptx is not None else None
         self.kl_coef = p.kl_coef
+        self.score_stats = (0.0, 0.0, 0.0)  # running (count, mean, M2) of reward scores (ppo.normalize_reward)
         self.sampler = sampler(cfg, roles)
         self.train_sharding = roles.actor.batch_sharding
         self._experience = jax.jit(self._experience_fn)
@@ -124,12 +125,13 @@ class PPO:
         return {"actor": actor, "critic": self.roles.critic.init_state(), "ema": ema}
 
     def data_state(self) -> dict:
-        return {"prompts": self.prompts.state(), "kl_coef": self.kl_coef,
+        return {"prompts": self.prompts.state(), "kl_coef": self.kl_coef, "score_stats": list(self.score_stats),
                 "ptx": self.ptx.state() if self.ptx else {}}
 
     def restore_data(self, d: dict) -> None:
         self.prompts.restore(d["prompts"])
         self.kl_coef = float(d["kl_coef"])
+        self.score_stats = tuple(float(x) for x in d.get("score_stats", self.score_stats))
         if self.ptx and d.get("ptx"):
             self.ptx.restore(d["ptx"])
 
@@ -145,7 +147,9 @@ class PPO:
             batch = self.rollout(state["actor"], next(self.prompts), rng)
             t1 = time.perf_counter()
             exp, m = self.score(state, batch)
-            jax.block_until_ready(exp)
+            m = jax.device_get(m)
+            if "score_count" in m:  # the next batch normalises with these
+                self.score_stats = tuple(float(m.pop(k)) for k in ("score_count", "score_mean", "score_m2"))
             times["time/generation"] += t1 - t0
             times["time/experience"] += time.perf_counter() - t1
             rollouts.append(exp)
@@ -155,7 +159,7 @@ class PPO:
         state, train_metrics = self.train(state, experience, step)
         jax.block_until_ready(state)
         times["time/train"] = time.perf_counter() - t2
-        metrics = build.weighted_mean([jax.device_get(m) for m in exp_metrics])
+        metrics = build.weighted_mean(exp_metrics)
         if p.adaptive_kl:
             self.kl_coef = float(ppo.kl_coef_update(self.kl_coef, metrics["kl"], self.rows * p.generation_batches,
                                                     target=p.kl_target, horizon=p.kl_horizon))
@@ -181,11 +185,12 @@ class PPO:
     def score(self, state, batch):
         a, c = state["actor"], state["critic"]
         with jax.set_mesh(self.mesh):
+            stats = tuple(jnp.float32(x) for x in self.score_stats) if self.cfg.ppo.normalize_reward else None
             return settle(self._experience(a.params, a.frozen, self.roles.ref[1], c.params, c.frozen,
-                                           self.roles.reward[1], batch, jnp.float32(self.kl_coef)))
+                                           self.roles.reward[1], batch, jnp.float32(self.kl_coef), stats))
 
     def _experience_fn(self, actor_params, actor_frozen, ref_state, critic_params, critic_frozen, reward_state,
-                       batch, kl_coef):
+                       batch, kl_coef, score_stats):
         p = self.cfg.ppo
         r = self.roles
         return ppo.experience(
@@ -193,7 +198,7 @@ class PPO:
             nnx.merge(r.critic.graphdef, critic_params, critic_frozen), nnx.merge(r.reward[0], reward_state),
             batch, prompt_len=self.cfg.data.max_prompt_len, kl_coef=kl_coef, kl_estimator=p.kl_estimator,
             clip_reward=p.clip_reward, gamma=p.gamma, lam=p.lam, whiten_advantages=p.whiten_advantages,
-            eos_ids=self.sampler.eos_ids)
+            eos_ids=self.sampler.eos_ids, score_stats=score_stats)
 
     def train(self, state, experience, step):
         p = self.cfg.ppo

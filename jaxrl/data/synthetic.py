@@ -5,8 +5,9 @@ examples on CPU, and every answer can be checked exactly (`check`), so "PPO rais
 on held-out problems rather than a judgement. The SFT data is deliberately noisy: a fraction `sft_noise`
 of its answers are *plausible* mistakes (off by ten, two digits swapped, a dropped carry), so
 the SFT model learns the right answer as its most likely one but, when sampled, reproduces those mistakes
-at about that rate. The preference pairs are clean (chosen = correct, rejected = the same kinds of
-mistake), so the reward model learns exactly the distinction the SFT model blurs, and PPO has a clear
+at about that rate. The preference pairs are clean (chosen = correct, rejected = those kinds of mistake
+and the units-digit slips the model makes by itself), so the reward model learns exactly the
+distinction the SFT model blurs, and PPO has a clear
 signal: move the probability the policy puts on mistakes onto the correct answer. Sequences stay short
 (prompt <= 6 tokens, answer <= 3 tokens + EOS) and the vocabulary has 18 tokens, so all three steps fit
 in minutes on two cores.
@@ -41,7 +42,7 @@ DATASET_FILES = {  # write_dataset_files: size key -> file name
     "prompt": "prompts.jsonl",
     "eval": "eval_prompts.jsonl",
 }
-DEFAULT_SIZES = {"sft": 6000, "preference": 6000, "prompt": 2000, "eval": 500}
+DEFAULT_SIZES = {"sft": 6000, "preference": 12000, "prompt": 2000, "eval": 500}
 
 # User turns are rendered verbatim and assistant turns end in EOS, so a chat prompt is token for token
 # what the model saw in training ("37+45="); a "User: ...\nAssistant:" wrapper would put the model off
@@ -54,10 +55,12 @@ CHAT_TEMPLATE = (
 )
 
 _PROBLEM = re.compile(r"(\d+)\+(\d+)=")
-# Mistake kinds and how often each is drawn. Off-by-one (a units-digit slip) is left out on purpose: a
-# tiny reward model tells it from the right answer only ~73% of the time (measured; ~99% for the kinds
-# below), and PPO then learns to move its probability onto exactly those blind spots.
-_MISTAKES = {"off_by_ten": 0.4, "swap_digits": 0.3, "dropped_carry": 0.3}
+# Mistake kinds and how often each is drawn. The SFT noise leaves out off-by-one (a units-digit slip):
+# the SFT model makes such slips by itself when sampled, and the preference data must teach the reward
+# model to catch them (a tiny reward model tells them from the right answer ~73% of the time after 2k
+# steps, ~99% for the other kinds), or PPO moves the policy's probability onto exactly that blind spot.
+_SFT_MISTAKES = {"off_by_ten": 0.4, "swap_digits": 0.3, "dropped_carry": 0.3}
+_PREFERENCE_MISTAKES = {"off_by_one": 0.5, "off_by_ten": 0.2, "swap_digits": 0.15, "dropped_carry": 0.15}
 
 
 def make_task_rows(
@@ -100,9 +103,11 @@ def make_task_rows(
         prompt, answer = f"{x}+{y}=", str(x + y)
         if kind == "sft":
             wrong = rng.random() < sft_noise
-            rows.append({"prompt": prompt, "response": _plausible_mistake(x, y, rng) if wrong else answer})
+            rows.append({"prompt": prompt,
+                         "response": _plausible_mistake(x, y, rng, _SFT_MISTAKES) if wrong else answer})
         elif kind == "preference":
-            rows.append({"prompt": prompt, "chosen": answer, "rejected": _plausible_mistake(x, y, rng)})
+            rows.append({"prompt": prompt, "chosen": answer,
+                         "rejected": _plausible_mistake(x, y, rng, _PREFERENCE_MISTAKES)})
         else:
             rows.append({"prompt": prompt})
     return rows
@@ -231,20 +236,21 @@ def _problems(max_operand: int, held_out: bool) -> tuple[np.ndarray, np.ndarray]
     return a[keep], b[keep]
 
 
-def _plausible_mistake(a: int, b: int, rng: np.random.Generator) -> str:
+def _plausible_mistake(a: int, b: int, rng: np.random.Generator, mistakes: dict[str, float]) -> str:
     """A wrong answer of the kind a learner makes; never the sum, never negative."""
     s = a + b
     digits = str(s)
     carry_free = int("".join(str((int(x) + int(y)) % 10) for x, y in zip(f"{a:04d}", f"{b:04d}")))
     candidates = {
+        "off_by_one": [s - 1, s + 1],
         "off_by_ten": [s - 10, s + 10],
         "swap_digits": [int(digits[:i] + digits[i + 1] + digits[i] + digits[i + 2:])
                         for i in range(len(digits) - 1)],
         "dropped_carry": [carry_free],
     }
     candidates = {k: [v for v in vs if v >= 0 and v != s] for k, vs in candidates.items()}
-    kinds = [k for k in _MISTAKES if candidates[k]]
-    weights = np.array([_MISTAKES[k] for k in kinds])
+    kinds = [k for k in mistakes if candidates[k]]
+    weights = np.array([mistakes[k] for k in kinds])
     chosen = candidates[kinds[rng.choice(len(kinds), p=weights / weights.sum())]]
     return str(chosen[rng.integers(len(chosen))])
 
