@@ -186,6 +186,34 @@ def prefill(graphdef, params, prompt_ids, prompt_mask, rng, *, cfg: SamplerConfi
     return _shard_rows(state, batch_sharding)
 
 
+def _decode_one(model, s: SamplerState, cfg: SamplerConfig, batch_sharding) -> SamplerState:
+    """Feeds `s.last` through the cache and samples the next token (one decode step)."""
+    tp = s.kv_mask.shape[1] - cfg.max_new_tokens
+    slot = tp + s.step - 1  # cache slot of `last`
+    kv_mask = _put_column(s.kv_mask, jnp.ones_like(s.last), slot)
+    hidden, cache = model.forward(s.last[:, None], jnp.ones_like(s.last)[:, None],
+                                  positions=s.positions[:, None], cache=s.cache, cache_index=slot,
+                                  kv_mask=kv_mask)
+    logits = model.logits(hidden)[:, 0]  # (B, V)
+    rng, key = jax.random.split(s.rng)
+    token = sample_tokens(logits, key, cfg)
+    token = jnp.where(s.done, cfg.pad_id, token)
+    logprob = jnp.where(s.done, 0.0, token_logprobs(logits, token))
+    new = s.replace(
+        tokens=_put_column(s.tokens, token, s.step),
+        logprobs=_put_column(s.logprobs, logprob, s.step),
+        mask=_put_column(s.mask, ~s.done, s.step),
+        cache=cache,
+        kv_mask=kv_mask,
+        last=token,
+        positions=s.positions + 1,
+        done=s.done | _is_eos(token, cfg.eos_ids),
+        step=s.step + 1,
+        rng=rng,
+    )
+    return _shard_rows(new, batch_sharding)
+
+
 # The state (above all its KV cache, layers x B x S x K x H x 2, the largest buffer of generation) is
 # donated: XLA then runs the loop in the caller's buffers instead of holding a second copy of the cache.
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "batch_sharding"), donate_argnames=("state",))
@@ -194,38 +222,21 @@ def decode(graphdef, params, state: SamplerState, *, cfg: SamplerConfig, batch_s
     (same arguments as `prefill`; `state` is donated and must not be used afterwards)."""
     trace_counts["decode"] += 1
     model = nnx.merge(graphdef, params)
-    n = cfg.max_new_tokens
-    tp = state.kv_mask.shape[1] - n
 
     def running(s: SamplerState):
-        return (s.step < n) & ~jnp.all(s.done)
+        return (s.step < cfg.max_new_tokens) & ~jnp.all(s.done)
 
-    def step(s: SamplerState) -> SamplerState:
-        slot = tp + s.step - 1  # cache slot of `last`
-        kv_mask = _put_column(s.kv_mask, jnp.ones_like(s.last), slot)
-        hidden, cache = model.forward(s.last[:, None], jnp.ones_like(s.last)[:, None],
-                                      positions=s.positions[:, None], cache=s.cache, cache_index=slot,
-                                      kv_mask=kv_mask)
-        logits = model.logits(hidden)[:, 0]  # (B, V)
-        rng, key = jax.random.split(s.rng)
-        token = sample_tokens(logits, key, cfg)
-        token = jnp.where(s.done, cfg.pad_id, token)
-        logprob = jnp.where(s.done, 0.0, token_logprobs(logits, token))
-        new = s.replace(
-            tokens=_put_column(s.tokens, token, s.step),
-            logprobs=_put_column(s.logprobs, logprob, s.step),
-            mask=_put_column(s.mask, ~s.done, s.step),
-            cache=cache,
-            kv_mask=kv_mask,
-            last=token,
-            positions=s.positions + 1,
-            done=s.done | _is_eos(token, cfg.eos_ids),
-            step=s.step + 1,
-            rng=rng,
-        )
-        return _shard_rows(new, batch_sharding)
+    return jax.lax.while_loop(running, lambda s: _decode_one(model, s, cfg, batch_sharding), state)
 
-    return jax.lax.while_loop(running, step, state)
+
+# One step per call, for streaming (`jaxrl chat` prints each token as it comes). The caller stops at
+# EOS or after N tokens (`state.step == cfg.max_new_tokens`); the state is donated, as in `decode`.
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "batch_sharding"), donate_argnames=("state",))
+def decode_step(graphdef, params, state: SamplerState, *, cfg: SamplerConfig,
+                batch_sharding=None) -> SamplerState:
+    """Exactly one decode step of `decode` (same arguments); returns the state with one more token."""
+    trace_counts["decode_step"] += 1
+    return _decode_one(nnx.merge(graphdef, params), state, cfg, batch_sharding)
 
 
 # ------------------------------------------------------------------------------------------- batches
