@@ -1,0 +1,61 @@
+"""`jaxrl pipeline` on the embedded default at reduced size: three steps, summary.json, plots, resume."""
+
+import json
+import os
+
+import pytest
+
+from jaxrl import cli
+
+REDUCED = [
+    "data.max_prompt_len=8", "data.max_len=16", "generation.max_new_tokens=6", "train.batch_size=16",
+    "train.log_every=1", "train.eval_every=0", "pipeline.eval_prompts=32",
+    "pipeline.sft=[train.steps=40, optim.lr=3e-3]",
+    "pipeline.reward=[train.steps=30, optim.lr=1e-3]",
+    "pipeline.ppo=[train.steps=8, ppo.rollout_batch_size=16, ppo.eval_prompts=16, optim.lr=2e-4, ppo.critic_lr=1e-3]",
+]
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("pipeline"))
+    assert cli.main(["pipeline", "--output", out, *REDUCED]) == 0
+    return out
+
+
+def test_pipeline_writes_summary_plots_and_models(pipeline_dir):
+    with open(os.path.join(pipeline_dir, "summary.json")) as f:
+        summary = json.load(f)
+    assert 0.0 <= summary["sft"]["task_accuracy"] <= 1.0
+    assert 0.0 <= summary["reward"]["pairwise_accuracy"] <= 1.0
+    ppo = summary["ppo"]
+    for key in ("task_accuracy_before", "task_accuracy_after"):
+        assert 0.0 <= ppo[key] <= 1.0
+    assert ppo["task_accuracy_before"] == summary["sft"]["task_accuracy"]  # the same measurement of the same model
+    assert ppo["kl"] == ppo["kl"] and abs(ppo["kl"]) < 10  # finite and bounded
+    step3 = os.path.join(pipeline_dir, "step3_ppo")
+    for name in ("reward_mean.png", "reward_score.png", "kl.png"):
+        assert os.path.getsize(os.path.join(step3, "plots", name)) > 0
+    for d in ("step1_sft/hf", "step2_reward/hf", "step3_ppo/hf", "step3_ppo/hf-critic"):
+        assert os.path.exists(os.path.join(pipeline_dir, d, "model.safetensors"))
+
+
+def test_ppo_reward_rises(pipeline_dir):
+    from jaxrl.train.metrics import read_metrics
+
+    scores = [m["reward/score"] for m in read_metrics(os.path.join(pipeline_dir, "step3_ppo")) if "reward/score" in m]
+    assert len(scores) == 8
+    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3, scores
+
+
+def test_rerun_skips_finished_steps_and_subsets_run(pipeline_dir, capsys):
+    before = os.path.getmtime(os.path.join(pipeline_dir, "step1_sft", "done.json"))
+    assert cli.main(["pipeline", "--output", pipeline_dir, "--steps", "2,3", *REDUCED]) == 0
+    assert os.path.getmtime(os.path.join(pipeline_dir, "step1_sft", "done.json")) == before
+    assert '"ppo"' in capsys.readouterr().out
+
+
+def test_later_step_without_earlier_output_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["pipeline", "--output", str(tmp_path), "--steps", "3", *REDUCED]) == 1
+    assert "run step 1 (SFT) first" in capsys.readouterr().err
+    assert cli.main(["pipeline", "--steps", "4"]) == 1
