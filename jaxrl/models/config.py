@@ -85,10 +85,6 @@ PRESETS = {
         family="llama", vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
         head_dim=16, intermediate_size=128, max_position_embeddings=128, norm_eps=1e-5,
     ),
-    "tiny-4l": dict(  # the embedded default's model: deep enough for its reward model to check sums
-        family="llama", vocab_size=64, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
-        head_dim=16, intermediate_size=256, max_position_embeddings=128, norm_eps=1e-5,
-    ),
     "small": dict(  # about 45M parameters (33M of them the untied 32k-vocab embedding and head)
         family="llama", vocab_size=32000, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4,
         head_dim=64, intermediate_size=1408, max_position_embeddings=2048, norm_eps=1e-5,
