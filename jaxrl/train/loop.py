@@ -70,14 +70,18 @@ def run(loop: Loop, schedule: Schedule, output: str) -> Any:
                     metrics.write(step, m)
                 if loop.evaluate and _due(step, schedule.eval_every, loop.steps):
                     metrics.write(step, {f"eval/{k}": v for k, v in loop.evaluate(state).items()})
-                if _due(step, schedule.save_every, loop.steps) or stop.requested:
+                # Decided on every process's flag: a scheduler may signal only some hosts, and the
+                # save below is collective.
+                stopping = stop.requested_anywhere()
+                if _due(step, schedule.save_every, loop.steps) or stopping:
                     ckpt.save(step, state, {"step": step, "data": loop.data_state()})
                 if loop.export and schedule.export_every and step % schedule.export_every == 0 \
                         and step != loop.steps:
                     loop.export(state, os.path.join(output, f"hf-step{step}"))
-                if stop.requested:
+                if stopping:
                     ckpt.wait()
-                    raise Interrupted(f"{loop.name}: {stop.requested} received; checkpoint saved at step {step} "
+                    raise Interrupted(f"{loop.name}: {stop.requested or 'a stop signal on another process'} "
+                                      f"received; checkpoint saved at step {step} "
                                       f"in {output}/checkpoints; run the same command again to resume")
         ckpt.wait()
         if loop.export:
