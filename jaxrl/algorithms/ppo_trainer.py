@@ -25,7 +25,7 @@ from jaxrl.errors import JaxrlError
 from jaxrl.generation import SamplerConfig, generate_batch
 from jaxrl.models.transformer import Transformer
 from jaxrl.parallel.hybrid import HybridEngine, generation_mesh
-from jaxrl.parallel.mesh import settle
+from jaxrl.parallel.mesh import settle, to_host
 from jaxrl.precision import dtype_of
 from jaxrl.train import build
 
@@ -166,13 +166,13 @@ class PPO:
         metrics.update(train_metrics, kl_coef=self.kl_coef, **times)
         return state, metrics
 
-    def rollout(self, actor_state, prompts: dict, rng) -> dict:
+    def rollout(self, actor_state, prompts: dict, rng, *, sampler: SamplerConfig | None = None) -> dict:
         """Generates on the generation mesh from a fresh generation copy of the actor, then drops it."""
         hybrid = self.roles.hybrid
         with jax.set_mesh(hybrid.mesh):
             gen = build.to_device(prompts, hybrid.batch_sharding)
             model = hybrid.generation_copy(actor_state.params, actor_state.frozen)
-            out = generate_batch(model, gen["input_ids"], gen["attention_mask"], self.sampler, rng,
+            out = generate_batch(model, gen["input_ids"], gen["attention_mask"], sampler or self.sampler, rng,
                                  batch_sharding=hybrid.batch_sharding)
             del model  # the generation copy's memory goes back to training
         batch = {
@@ -249,24 +249,16 @@ class PPO:
                                     if temperature is None else temperature)
         it = build.iterator(self.eval_prompts, self.rows, self.cfg.seed, shuffle=False, num_epochs=1)
         scores, prompts, responses = [], [], []
-        count = 0
-        for i, batch in enumerate(it):
-            if count >= self.cfg.ppo.eval_prompts:
-                break
-            count += self.rows
+        p_len = self.cfg.data.max_prompt_len
+        for i, batch in zip(range(-(-self.cfg.ppo.eval_prompts // self.rows)), it):
             rng = jax.random.fold_in(jax.random.key(self.cfg.seed + 7), i)
-            old = self.sampler
-            self.sampler = cfg_s
-            try:
-                rolled = self.rollout(state["actor"], batch, rng)
-            finally:
-                self.sampler = old
+            rolled = self.rollout(state["actor"], batch, rng, sampler=cfg_s)
             with jax.set_mesh(self.mesh):
                 score = self._score_only(self.roles.reward[1], rolled)
-            scores.append(np.asarray(jax.device_get(score)))
-            prompts += self.decode(batch["input_ids"], batch["attention_mask"])
-            responses += self.decode(np.asarray(rolled["seq"])[:, self.cfg.data.max_prompt_len:],
-                                     np.asarray(rolled["response_mask"]))
+            rolled = {k: to_host(v) for k, v in rolled.items()}  # every process decodes all rows
+            scores.append(to_host(score))
+            prompts += self.decode(rolled["seq"][:, :p_len], rolled["attention_mask"][:, :p_len])
+            responses += self.decode(rolled["seq"][:, p_len:], rolled["response_mask"])
         out = {"score": float(np.mean(np.concatenate(scores)))} if scores else {}
         if scores and self.cfg.data.paths == ("synthetic",):
             out["task_accuracy"] = synthetic.task_accuracy(prompts, responses)

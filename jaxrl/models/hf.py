@@ -24,6 +24,7 @@ from jaxrl.errors import JaxrlError
 from jaxrl.models.config import ModelConfig
 from jaxrl.models.safetensors_io import TensorStore
 from jaxrl.models.transformer import ScoreModel, Transformer
+from jaxrl.parallel.mesh import to_host
 from jaxrl.parallel.sharding import ModelShardings
 
 _LLAMA = [
@@ -365,7 +366,7 @@ def save_pretrained(model, path: str, *, tokenizer=None, dtype=np.float32) -> No
     for hf_name, ours, fn, part in _expand(cfg, score=score):
         if ours not in params:
             continue
-        value = _to_host(params[ours].get_value())
+        value = to_host(params[ours].get_value())
         if fn == "T":
             tensors[hf_name] = np.ascontiguousarray(value.T)
         elif fn == "split3":
@@ -393,14 +394,6 @@ def save_pretrained(model, path: str, *, tokenizer=None, dtype=np.float32) -> No
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _to_host(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
 
 
 def _save_tokenizer(model, tokenizer, out):

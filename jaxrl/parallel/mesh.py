@@ -34,7 +34,7 @@ def resolve_axes(sizes: dict[str, int], n_devices: int, *, what: str = "mesh") -
     total = math.prod(sizes.values())
     if total != n_devices:
         shape = " x ".join(f"{what}.{k}={v}" for k, v in sizes.items())
-        raise JaxrlError(f"{what} {shape} needs {total} devices but {n_devices} are available; make the "
+        raise JaxrlError(f"{shape} needs {total} devices but {n_devices} are available; make the "
                          f"product equal {n_devices} (or set one axis to -1)")
     return tuple(sizes[k] for k in names)
 
@@ -101,3 +101,12 @@ def settle(tree):
     if jax.default_backend() == "cpu" and jax.device_count() > 1:
         jax.block_until_ready(tree)
     return tree
+
+
+def to_host(x) -> np.ndarray:
+    """A global array as numpy on every process (gathered across processes when it spans several)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
