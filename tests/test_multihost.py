@@ -28,7 +28,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(output, reports, processes=2, devices=4):
+def _launch(output, reports, processes=2, devices=4, args=ARGS):
     """Starts the worker processes; returns them with their log files."""
     coordinator = f"127.0.0.1:{_free_port()}"
     procs = []
@@ -37,7 +37,7 @@ def _launch(output, reports, processes=2, devices=4):
                    JAXRL_COORDINATOR=coordinator, JAXRL_NUM_PROCESSES=str(processes), JAXRL_PROCESS_ID=str(i))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
         log = open(reports / f"process{i}.log", "w")
-        cmd = [sys.executable, WORKER, str(reports / f"process{i}.json"), *ARGS, "--output", str(output)]
+        cmd = [sys.executable, WORKER, str(reports / f"process{i}.json"), *args, "--output", str(output)]
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO), log))
     return procs
 
@@ -94,3 +94,19 @@ def test_two_processes_train_like_one(tmp_path):
             np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=f"step {a['step']} {key}")
     print("\nSFT losses, 1 x 8 devices:", [r.get("loss") for r in one],
           "\n            2 x 4 devices:", [r.get("loss") for r in two])
+
+
+def test_two_processes_run_the_pipeline_to_the_end(tmp_path):
+    """Issue 'Run at scale': the 2-process path runs `jaxrl pipeline` at reduced size to the end."""
+    from test_pipeline import REDUCED
+
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    args = ["pipeline", *REDUCED, "pipeline.eval_prompts=16",
+            "pipeline.sft=[train.steps=6, optim.lr=3e-3]", "pipeline.reward=[train.steps=4]",
+            "pipeline.ppo=[train.steps=2, ppo.rollout_batch_size=16, ppo.eval_prompts=16]"]
+    _wait(_launch(tmp_path / "run", reports, args=args), reports)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(summary) == {"sft", "reward", "ppo"}
+    assert 0.0 <= summary["ppo"]["task_accuracy_after"] <= 1.0
+    assert os.path.exists(tmp_path / "run" / "step3_ppo" / "hf" / "model.safetensors")
