@@ -123,7 +123,7 @@ def _task_accuracy(cfg, model_dir: str, key: str) -> dict:
         prompts = [json.loads(line)["prompt"] for line in f][: cfg.pipeline.eval_prompts]
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    with jax.default_device(jax.devices()[0]):
+    with jax.default_device(jax.local_devices()[0]):  # each process on its own device, no collectives
         model = load_pretrained(model_dir)
         out = generate(model, ids, max_new_tokens=cfg.generation.max_new_tokens,
                        temperature=cfg.generation.temperature, top_p=cfg.generation.top_p,
