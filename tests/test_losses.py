@@ -338,3 +338,30 @@ def test_ema_update_treewise():
     out = ppo.ema_update(ema, params, 0.75)
     np.testing.assert_allclose(out["a"], [1.5, 2.0])
     np.testing.assert_allclose(float(out["b"]["c"]), 3.0)
+
+
+def test_packed_rows_equal_separate_examples():
+    """SFT with data.packing: a packed row's loss and logits equal those of its examples run alone."""
+    import numpy as np
+    from flax import nnx
+
+    from jaxrl.algorithms.sft import sft_loss
+    from jaxrl.data.tokenize import pack_rows, pad_rows
+    from jaxrl.models.config import preset
+    from jaxrl.models.transformer import Transformer
+
+    model = Transformer(preset("tiny"), rngs=nnx.Rngs(3))
+    examples = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16]]
+    masks = [[1] * len(x) for x in examples]  # loss on every token (loss_on_prompt), boundaries included
+    packed = pack_rows(examples, masks, 16, 0)
+    assert packed["segment_ids"].shape == (1, 16) and packed["segment_ids"].max() == 3
+    loss, m = sft_loss(model, packed)
+    alone = {"input_ids": pad_rows(examples, 16, 0), "attention_mask": pad_rows(masks, 16, 0),
+             "loss_mask": pad_rows(masks, 16, 0)}
+    ref, ref_m = sft_loss(model, alone)
+    assert float(m["weight"]) == float(ref_m["weight"]) == 9.0  # 4 + 2 + 3 targets, none across a boundary
+    np.testing.assert_allclose(float(loss), float(ref), rtol=1e-5)
+    logits = model(packed["input_ids"], packed["attention_mask"], positions=packed["positions"],
+                   segment_ids=packed["segment_ids"])
+    np.testing.assert_allclose(np.asarray(logits[0, 5:8]), np.asarray(model(alone["input_ids"][1:2])[0, :3]),
+                               rtol=1e-5, atol=1e-6)

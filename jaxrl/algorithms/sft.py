@@ -43,8 +43,11 @@ def sft_loss(model, batch):
       loss (scalar fp32) and metrics `loss`, `accuracy`, `weight` (number of target tokens).
     """
     ids = batch["input_ids"]
-    logits = model(ids, batch["attention_mask"])  # (B, T, V) fp32
+    segments = batch.get("segment_ids")  # packed rows: several examples, each attending to itself only
+    logits = model(ids, batch["attention_mask"], positions=batch.get("positions"), segment_ids=segments)
     weights = batch["loss_mask"][:, 1:].astype(jnp.float32)  # (B, T-1)
+    if segments is not None:  # no target across an example boundary
+        weights = weights * (segments[:, 1:] == segments[:, :-1])
     count = weights.sum()
     denom = jnp.maximum(count, 1.0)  # an all-masked local slice: loss 0 with weight 0, not NaN
     logp = token_logprobs(logits, ids)

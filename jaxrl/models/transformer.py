@@ -235,8 +235,8 @@ class Transformer(nnx.Module):
         )
         self.has_lm_head = lm_head
 
-    def __call__(self, input_ids, attention_mask=None):
-        hidden, _ = self.forward(input_ids, attention_mask)
+    def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None):
+        hidden, _ = self.forward(input_ids, attention_mask, positions=positions, segment_ids=segment_ids)
         return self.logits(hidden)
 
     def features(self, input_ids, attention_mask=None):
@@ -244,7 +244,7 @@ class Transformer(nnx.Module):
         return self.forward(input_ids, attention_mask)[0]
 
     def forward(self, input_ids, attention_mask=None, *, positions=None, cache=None, cache_index=0,
-                kv_mask=None):
+                kv_mask=None, segment_ids=None):
         """Runs the blocks.
 
         Args:
@@ -255,6 +255,7 @@ class Transformer(nnx.Module):
           cache: per-layer list of {'k', 'v'} (B, S, K, H); this call writes slots
             [cache_index, cache_index + T) and attends to every slot <= its own.
           kv_mask: (B, S) which cache slots hold real tokens (including those written now).
+          segment_ids: (B, T) packed rows: tokens attend only within their own segment (no cache).
         Returns:
           hidden (B, T, E) and the updated cache (None without one).
         """
@@ -272,6 +273,8 @@ class Transformer(nnx.Module):
         if self.config.sliding_window:
             mask &= q_slot[:, None] - k_slot[None, :] < self.config.sliding_window
         mask = mask[None, None] & kv_mask.astype(bool)[:, None, None, :]  # (B, 1, T, S)
+        if segment_ids is not None:
+            mask &= (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
 
         x = self.embed(input_ids).astype(self.dtype)
         if self.project_in is not None:
