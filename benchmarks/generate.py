@@ -30,7 +30,7 @@ DTYPES = {"fp32": (jnp.float32, "float32"), "bf16": (jnp.bfloat16, "bfloat16")}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="jaxrl.models.config preset")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "tinyllama-1.1b"], help="jaxrl.models.config preset")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
