@@ -26,22 +26,24 @@ def load_run_config(args):
     """Config file + DeepSpeed file + key=value overrides + --output; starts multi-host; echoes the config."""
     import jax
 
-    from jaxrl.config import apply_overrides, load_config, save_yaml
+    from jaxrl.config import load_config, save_yaml
     from jaxrl.parallel.mesh import initialize_distributed
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("absl", "orbax", "jax"):  # their INFO lines drown the run's own
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    overrides = list(args.overrides)
-    if getattr(args, "deepspeed", None):
-        from jaxrl.deepspeed_config import load_ds_config, to_run_config_overrides
-
-        overrides = to_run_config_overrides(load_ds_config(args.deepspeed)) + overrides
+    overrides = list(args.overrides) + ([f"output={args.output}"] if args.output else [])
     cfg = load_config(args.config, overrides)
-    if args.output:
-        cfg = apply_overrides(cfg, [f"output={args.output}"])
     d = cfg.distributed
-    initialize_distributed(d.coordinator, d.num_processes, d.process_id)
+    initialize_distributed(d.coordinator, d.num_processes, d.process_id)  # before anything touches devices
+    if getattr(args, "deepspeed", None):
+        from jaxrl.deepspeed_config import to_run_config_overrides
+        from jaxrl.parallel.mesh import resolve_axes
+
+        m = cfg.mesh
+        data, fsdp, _ = resolve_axes({"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}, jax.device_count())
+        # The DeepSpeed file overrides the YAML file; key=value arguments still win.
+        cfg = load_config(args.config, to_run_config_overrides(args.deepspeed, world_size=data * fsdp) + overrides)
     if jax.process_index() == 0:
         save_yaml(cfg, os.path.join(cfg.output, "config.yaml"))
     return cfg
