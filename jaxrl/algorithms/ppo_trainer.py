@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jaxrl.algorithms import ppo
 from jaxrl.config import RunConfig
@@ -23,9 +24,10 @@ from jaxrl.data import synthetic
 from jaxrl.data.tokenize import tokenize_prompts, tokenize_sft
 from jaxrl.errors import JaxrlError
 from jaxrl.generation import SamplerConfig, generate_batch
-from jaxrl.models.transformer import Transformer
+from jaxrl.models.transformer import Transformer, shard_activations
 from jaxrl.parallel.hybrid import HybridEngine, generation_mesh
 from jaxrl.parallel.mesh import settle, to_host
+from jaxrl.parallel.sharding import DATA_AXES
 from jaxrl.precision import dtype_of
 from jaxrl.train import build
 
@@ -193,9 +195,12 @@ class PPO:
                        batch, kl_coef, score_stats):
         p = self.cfg.ppo
         r = self.roles
+        rows = P(DATA_AXES)
         return ppo.experience(
-            nnx.merge(r.actor.graphdef, actor_params, actor_frozen), nnx.merge(r.ref[0], ref_state),
-            nnx.merge(r.critic.graphdef, critic_params, critic_frozen), nnx.merge(r.reward[0], reward_state),
+            shard_activations(nnx.merge(r.actor.graphdef, actor_params, actor_frozen), rows),
+            shard_activations(nnx.merge(r.ref[0], ref_state), rows),
+            shard_activations(nnx.merge(r.critic.graphdef, critic_params, critic_frozen), rows),
+            shard_activations(nnx.merge(r.reward[0], reward_state), rows),
             batch, prompt_len=self.cfg.data.max_prompt_len, kl_coef=kl_coef, kl_estimator=p.kl_estimator,
             clip_reward=p.clip_reward, gamma=p.gamma, lam=p.lam, whiten_advantages=p.whiten_advantages,
             eos_ids=self.sampler.eos_ids, score_stats=score_stats)
@@ -267,7 +272,8 @@ class PPO:
     @functools.cached_property
     def _score_only(self):
         graphdef = self.roles.reward[0]
-        return jax.jit(lambda st, b: nnx.merge(graphdef, st).sequence_score(b["seq"], b["attention_mask"]))
+        return jax.jit(lambda st, b: shard_activations(nnx.merge(graphdef, st), P(DATA_AXES))
+                       .sequence_score(b["seq"], b["attention_mask"]))
 
     def decode(self, ids, mask) -> list[str]:
         ids, mask = np.asarray(ids), np.asarray(mask)

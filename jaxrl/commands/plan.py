@@ -379,11 +379,12 @@ def _forward_role(name, mesh, stage, spec, arch, batch, fn) -> RoleMemory:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    from jaxrl.models.transformer import shard_activations
     from jaxrl.parallel.sharding import DATA_AXES
 
     model, _ = abstract_model(spec, arch, mesh, stage)
     graphdef, state = _abstract_state(model, mesh)
-    forward = jax.jit(lambda st, b: fn(nnx.merge(graphdef, st), b))
+    forward = jax.jit(lambda st, b: fn(shard_activations(nnx.merge(graphdef, st), P(DATA_AXES)), b))
     with jax.set_mesh(mesh):
         compiled = _compile(forward.lower(state, _batch(batch, NamedSharding(mesh, P(DATA_AXES)))))
     return _role(name, "forward", compiled, _per_device(state))

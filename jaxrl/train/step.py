@@ -22,6 +22,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxrl.models.transformer import shard_activations
 from jaxrl.parallel.mesh import settle
 from jaxrl.parallel.sharding import DATA_AXES, Layout, manual_spec, zero_dim
 from jaxrl.precision import loss_scale_of, skipped_steps_of
@@ -127,7 +128,8 @@ class Trainer:
         return self._eval(state.params, state.frozen, batch)
 
     def _eval_step(self, params, frozen, batch):
-        loss, metrics = self.loss_fn(nnx.merge(self.graphdef, params, frozen), batch)
+        model = shard_activations(nnx.merge(self.graphdef, params, frozen), P(DATA_AXES))
+        loss, metrics = self.loss_fn(model, batch)
         return dict(metrics, loss=loss)
 
     def lower(self, state, batch):
