@@ -20,7 +20,8 @@ HELP = "type a message; /reset clears the conversation, /exit quits"
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR", help="HF model directory (with tokenizer)")
-    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="reply length cap")
+    parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                        help="reply length cap (default: 128, at most half the model's positions)")
     parser.add_argument("--temperature", type=float, default=None, metavar="T",
                         help="sample at this temperature (default: greedy)")
     parser.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling mass")
@@ -40,7 +41,8 @@ def run(args) -> int:
         raise JaxrlError(f"model directory {args.model} does not exist (give an HF directory)")
     tokenizer = _tokenizer(args.model)
     model = load_pretrained(args.model)
-    session = Chat(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
+    max_new = args.max_new_tokens or min(128, model.config.max_position_embeddings // 2)
+    session = Chat(model, tokenizer, system=args.system, max_new_tokens=max_new,
                    eos_ids=_eos_ids(model, tokenizer), seed=args.seed, **_sampling(args))
     try:
         _loop(session, show_prompt=args.show_prompt)
