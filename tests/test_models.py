@@ -118,3 +118,17 @@ def test_bad_directories_give_clear_errors(hf_models, tmp_path):
     (wrong / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(JaxrlError, match=r"gate_proj.weight has shape \(96, 64\), expected \(80, 64\)"):
         load_pretrained(str(wrong))
+
+
+def test_sharded_safetensors_index_loads(hf_models, tmp_path):
+    directory, torch_model = hf_models["llama"]
+    torch_model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="40KB")
+    shutil.copy(os.path.join(directory, "tokenizer.json"), tmp_path)
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    assert len([n for n in os.listdir(tmp_path) if n.endswith(".safetensors")]) > 1
+    ids, mask = fx.padded_batch()
+    out = np.asarray(load_pretrained(str(tmp_path))(jnp.asarray(ids), jnp.asarray(mask)))
+    assert _rel_diff(out, fx.torch_logits(torch_model, ids, mask), mask) < 1e-4
+    os.remove(tmp_path / sorted(n for n in os.listdir(tmp_path) if n.endswith(".safetensors"))[0])
+    with pytest.raises(JaxrlError, match="which is missing"):
+        load_pretrained(str(tmp_path))
