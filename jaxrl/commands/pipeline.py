@@ -34,10 +34,15 @@ def run(args) -> int:
 
 
 def default_config() -> str:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    packaged = os.path.join(here, "configs", "tiny.yaml")
-    repo = os.path.join(os.path.dirname(here), "configs", "tiny.yaml")
-    return packaged if os.path.exists(packaged) else repo
+    """configs/tiny.yaml: shipped inside the package as jaxrl.configs, or read from the source tree when
+    the package runs from it (an editable install maps no `jaxrl.configs`)."""
+    from importlib import resources
+
+    try:
+        return str(resources.files("jaxrl.configs").joinpath("tiny.yaml"))
+    except ModuleNotFoundError:
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return os.path.join(repo, "configs", "tiny.yaml")
 
 
 def parse_steps(text: str) -> tuple[int, ...]:
