@@ -361,3 +361,21 @@ def test_iterator_limits():
         BatchIterator(numbered(3), batch_size=4)
     with pytest.raises(JaxrlError, match="multiple of the 2 processes"):
         BatchIterator(numbered(8), batch_size=3).shard(0, 2)
+
+
+def test_real_parquet_file_reads_rows_with_their_row_numbers(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jaxrl.data.formats import parse_rows
+    from jaxrl.data.readers import read_rows
+
+    path = tmp_path / "prefs.parquet"
+    pq.write_table(pa.table({"prompt": ["1+1=", "2+2=", ""], "chosen": ["2", "4", "x"], "rejected": ["3", "5", "y"]}),
+                   path)
+    rows = read_rows(str(path))
+    assert [r.data["chosen"] for r in rows] == ["2", "4", "x"]
+    with pytest.raises(JaxrlError, match=r"prefs.parquet row 2"):
+        parse_rows(rows, "prompt_chosen_rejected", "reward")
+    parsed = parse_rows(rows, "prompt_chosen_rejected", "reward", skip_bad_rows=True)
+    assert len(parsed.records) == 2 and parsed.skipped == 1
