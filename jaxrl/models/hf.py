@@ -351,10 +351,9 @@ def save_pretrained(model, path: str, *, tokenizer=None, dtype=np.float32) -> No
 
     A `Transformer` becomes `...ForCausalLM`, a `ScoreModel` `...ForSequenceClassification` with one label.
     The directory is written next to `path` and renamed into place, so a crash leaves no half-written
-    model. Only process 0 writes; every process must call it (parameters are gathered collectively).
+    model. Only process 0 writes; every process must call it (parameters are gathered collectively), and
+    every process returns only once the directory is in place.
     """
-    from safetensors.numpy import save_file
-
     from jaxrl.models.lora import has_lora, merge_lora
 
     if has_lora(model):  # export the merged weights; the model itself keeps its LoRA branches
@@ -375,8 +374,17 @@ def save_pretrained(model, path: str, *, tokenizer=None, dtype=np.float32) -> No
             tensors[hf_name] = value
     tensors = {k: np.ascontiguousarray(np.concatenate(v, axis=-1) if isinstance(v, list) else v).astype(dtype)
                for k, v in tensors.items()}
-    if jax.process_index() != 0:
-        return
+    if jax.process_index() == 0:
+        _write_directory(model, cfg, score, tensors, path, tokenizer, dtype)
+    if jax.process_count() > 1:  # nobody reads the directory before process 0 has renamed it into place
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"save_pretrained:{path}")
+
+
+def _write_directory(model, cfg, score, tensors, path, tokenizer, dtype):
+    from safetensors.numpy import save_file
+
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
