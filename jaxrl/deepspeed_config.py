@@ -610,8 +610,6 @@ def _schedule_overrides(ds: DeepSpeedConfig) -> dict[str, Any]:
 def _dp_size_of(raw: Mapping) -> int:
     """Data-parallel devices a config's mesh implies: 'data' x 'fsdp' when fixed, else every device
     not on 'tensor' (with '-1' on a data axis)."""
-    import jax
-
     mesh = raw.get("mesh", {}) if isinstance(raw.get("mesh", {}), Mapping) else {}
     data, fsdp, tensor = mesh.get("data", -1), mesh.get("fsdp", 1), mesh.get("tensor", 1)
     if -1 not in (data, fsdp):

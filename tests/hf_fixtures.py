@@ -3,7 +3,6 @@ tokenizer trained locally with `tokenizers` (no downloads). Shared by the model,
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 

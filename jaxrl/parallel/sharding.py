@@ -15,7 +15,6 @@ import dataclasses
 import math
 
 import jax
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXES = ("data", "fsdp")  # the axes a batch (and ZeRO's partitioning) is split over
@@ -71,10 +70,6 @@ def fit_spec(spec: P, shape: tuple[int, ...], mesh) -> P:
         size = math.prod(mesh.shape[a] for a in names)
         out.append(None if not names or dim % size else (names if len(names) > 1 else names[0]))
     return P(*out)
-
-
-def named(mesh, spec: P) -> NamedSharding:
-    return NamedSharding(mesh, spec)
 
 
 def current_mesh():
