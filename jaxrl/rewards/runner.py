@@ -14,6 +14,11 @@ Nothing a function does can stop or corrupt the run. If it raises, runs past `ti
 killed and replaced), kills its worker, returns something that is not a list of the batch's length, or
 returns an entry that is not a real number or not finite, the rows concerned get `on_error`; the failure
 is counted per function in the metrics (`reward/<name>/errors`) and logged with the function's name.
+
+As always with the `forkserver` and `spawn` start methods, the workers import the program's main module
+(as `__mp_main__`): a script that builds a RewardRunner keeps its work under `if __name__ == "__main__":`
+(the `jaxrl` command does). A call's timeout counts from its dispatch to a ready worker; a worker's
+start-up and the import of the functions are not part of it.
 """
 
 from __future__ import annotations
@@ -358,7 +363,8 @@ def _validate(status: str, payload, batch: int, on_error: float) -> tuple[np.nda
     if len(payload) != batch:
         return np.full(batch, on_error), batch, f"returned {len(payload)} values for {batch} completions"
     bad = [i for i, x in enumerate(payload) if isinstance(x, str) or not math.isfinite(x)]
-    values = np.array([on_error if i in set(bad) else x for i, x in enumerate(payload)], np.float64)
+    values = np.array([on_error if isinstance(x, str) else x for x in payload], np.float64)
+    values[bad] = on_error  # also the non-finite ones
     reason = ""
     if bad:
         first = payload[bad[0]]
