@@ -3,6 +3,7 @@ die, return NaN, the wrong length or non-numbers; weights; specs that do not exi
 
 import logging
 import os
+import time
 
 import numpy as np
 import pytest
@@ -132,8 +133,11 @@ def test_failing_functions_give_on_error_and_the_run_goes_on(runner, caplog):
     for attempt in range(2):  # the second batch runs on the replaced workers
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="jaxrl.rewards"):
+            start = time.perf_counter()
             pending = runner.submit(PROMPTS, COMPLETIONS, ROWS, extra_terms=[("reward_model", [0.5, 0.0, -1.0], 2.0)])
+            submitted = time.perf_counter() - start
             total, metrics = pending.result()
+        assert submitted < 0.5 <= time.perf_counter() - start  # submit does not wait for the 1 s timeout
         np.testing.assert_allclose(total, want + 2.0 * np.array([0.5, 0.0, -1.0]))
         for spec, (_, values, errors) in FUNCTIONS.items():
             name = spec.rpartition(":")[2]
