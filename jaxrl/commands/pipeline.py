@@ -158,10 +158,12 @@ def _write(out: str, summary: dict) -> None:
 def _write_json(path: str, data: dict) -> None:
     import jax
 
+    from jaxrl.train.metrics import strict_json
+
     if jax.process_index() != 0:
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
+        f.write(strict_json(data, indent=2))
     os.replace(tmp, path)
