@@ -534,6 +534,32 @@ class RewardSection:
 
 
 @_section
+class DpoSection:
+    """`jaxrl dpo`: offline preference training against a frozen reference (jaxrl.algorithms.dpo)."""
+
+    # Loss: sigmoid (DPO; conservative DPO with label_smoothing), ipo, hinge, or simpo (reference-free,
+    # length-normalised, with the margin simpo_gamma).
+    loss: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"
+    # Inverse temperature beta of the implicit reward beta * log(pi / pi_ref) (IPO's tau).
+    beta: float = 0.1
+    # Conservative DPO: the probability that a preference label is flipped; 0: plain DPO (sigmoid only).
+    label_smoothing: float = 0.0
+    # SimPO's target reward margin gamma (simpo only).
+    simpo_gamma: float = 0.5
+    # Compute the reference log-probs once per epoch (in the compute dtype), so the reference model is
+    # not resident during training.
+    precompute_ref: bool = False
+
+    def __post_init__(self):
+        _check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
+        _check(0 <= self.label_smoothing < 0.5, "label_smoothing",
+               f"must be in [0, 0.5) (0.5 would make the labels noise), got {self.label_smoothing}")
+        _check(self.label_smoothing == 0 or self.loss == "sigmoid", "label_smoothing",
+               f"is {self.label_smoothing} but only dpo.loss=sigmoid uses it (dpo.loss is {self.loss!r}); set it to 0")
+        _check(self.simpo_gamma >= 0, "simpo_gamma", f"must be >= 0, got {self.simpo_gamma}")
+
+
+@_section
 class PpoSection:
     """Step 3: PPO with a KL penalty to the reference (SFT) model."""
 
@@ -650,6 +676,7 @@ class RunConfig:
     sft: SftSection = _sub(SftSection)
     reward: RewardSection = _sub(RewardSection)
     ppo: PpoSection = _sub(PpoSection)
+    dpo: DpoSection = _sub(DpoSection)
     distributed: DistributedSection = _sub(DistributedSection)
     pipeline: PipelineSection = _sub(PipelineSection)
     # The run's seed (parameters, data order, sampling).
