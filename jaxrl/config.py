@@ -24,6 +24,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from jaxrl.errors import JaxrlError
+from jaxrl.io import read_yaml
 from jaxrl.optim import LossScaleConfig, OptimConfig
 
 T = TypeVar("T")
@@ -262,15 +263,9 @@ def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
 
 
 def _read_yaml(path: str | os.PathLike) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise JaxrlError(f"config file '{path}' not found") from None
-    except OSError as e:
-        raise JaxrlError(f"cannot read config file '{path}': {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise JaxrlError(f"config file '{path}' is not valid YAML: {e}") from None
+    if not os.path.isfile(path):
+        raise JaxrlError(f"config file '{path}' not found")
+    data = read_yaml(path, what="config file", fix="repair it or give another --config", expect=None)
     if data is None:  # an empty file (or only comments) changes nothing
         return {}
     if not isinstance(data, dict):

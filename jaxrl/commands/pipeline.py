@@ -147,8 +147,9 @@ def _require(path: str, step: str) -> None:
 def _read(path: str) -> dict:
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    from jaxrl.io import read_json
+
+    return read_json(path, what="pipeline record", fix=f"delete {path} (the step it records then runs again)")
 
 
 def _write(out: str, summary: dict) -> None:

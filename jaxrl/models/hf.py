@@ -22,7 +22,8 @@ from jax.sharding import NamedSharding
 
 from jaxrl.errors import JaxrlError
 from jaxrl.models.config import ModelConfig
-from jaxrl.models.safetensors_io import TensorStore
+from jaxrl.io import check_json_files, read_json
+from jaxrl.models.safetensors_io import REFETCH, TensorStore
 from jaxrl.models.transformer import ScoreModel, Transformer
 from jaxrl.parallel.mesh import to_host
 from jaxrl.parallel.sharding import ModelShardings
@@ -104,6 +105,17 @@ ARCHITECTURES = {
 }
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                     "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json")
+
+# Files AutoTokenizer parses as JSON (config.json tells it the tokenizer class).
+_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "config.json")
+
+
+def check_tokenizer_files(path: str) -> None:
+    """After AutoTokenizer failed on `path`: raises a JaxrlError naming a tokenizer file that is corrupt
+    or cut short, if one is (transformers itself only passes on a bare JSONDecodeError)."""
+    check_json_files(path, _TOKENIZER_JSON, what="tokenizer file",
+                     fix="copy the tokenizer files again from the model's source (or tokenizer.save_pretrained)")
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -308,8 +320,12 @@ def read_config(path: str) -> ModelConfig:
     cfg_file = os.path.join(path, "config.json")
     if not os.path.exists(cfg_file):
         raise JaxrlError(f"{path} has no config.json: not an HF model directory")
-    with open(cfg_file) as f:
-        return config_from_hf(json.load(f))
+    data = read_json(cfg_file, what="model config", fix=REFETCH)
+    try:
+        return config_from_hf(data)
+    except KeyError as e:
+        raise JaxrlError(f"{cfg_file}: the model config lacks {e}, which a {data.get('model_type')} model "
+                         f"needs: the file is incomplete; {REFETCH}") from None
 
 
 def _load_tensor(store: TensorStore, name, fn, part, var, path):

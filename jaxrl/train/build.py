@@ -16,7 +16,7 @@ from jaxrl.data.iterator import BatchIterator
 from jaxrl.data.tokenize import Encoder
 from jaxrl.errors import JaxrlError
 from jaxrl.models import config as model_config
-from jaxrl.models.hf import load_pretrained, read_config
+from jaxrl.models.hf import check_tokenizer_files, load_pretrained, read_config
 from jaxrl.models.lora import add_lora
 from jaxrl.models.transformer import ScoreModel, Transformer
 from jaxrl.optim import make_optimizer
@@ -43,6 +43,7 @@ def load_tokenizer(model_path: str):
     try:
         return AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as e:
+        check_tokenizer_files(model_path)
         raise JaxrlError(f"{model_path} has no usable tokenizer files ({e}); save the tokenizer there") from e
 
 
