@@ -1,0 +1,153 @@
+"""User files that are cut short or damaged: each gives one `jaxrl.errors` error that names the file, says
+it is corrupt, incomplete or missing, and says what to do; the CLI prints it without a traceback and
+exits 1. Also: a rejected argument or config leaves nothing on disk."""
+
+import glob
+import json
+import os
+import re
+import shutil
+
+import pytest
+
+import hf_fixtures as fx
+from jaxrl import cli
+from jaxrl.errors import JaxrlError
+from jaxrl.models.hf import load_pretrained
+from jaxrl.train.checkpoint import Checkpointer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.yaml")
+SHAPES = ["model.path=tiny", "data.max_len=16", "data.max_prompt_len=8", "train.batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llama")
+    fx.make_hf_model("llama", str(d))
+    return d
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _cut(path, keep):
+    """Truncates `path` to its first `keep` bytes (negative: drops the last -keep)."""
+    data = path.read_bytes()
+    path.write_bytes(data[:keep])
+
+
+def _sharded(llama_dir, tmp_path):
+    """The llama model saved as shards with a model.safetensors.index.json."""
+    import torch  # noqa: F401  (transformers' save needs it)
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(str(llama_dir)).save_pretrained(out, max_shard_size="40KB")
+    assert (out / "model.safetensors.index.json").exists()
+    return out
+
+
+# name -> (breaks the copied directory d, the file the message must name, words it must contain)
+BREAKS = {
+    "safetensors-header-cut": (lambda d: _cut(d / "model.safetensors", 100), "model.safetensors",
+                               "corrupt or incomplete"),
+    "safetensors-data-cut": (lambda d: _cut(d / "model.safetensors", -1000), "model.safetensors",
+                             "truncated"),
+    "safetensors-empty": (lambda d: _cut(d / "model.safetensors", 0), "model.safetensors", "truncated"),
+    "config-json-cut": (lambda d: _cut(d / "config.json", 50), "config.json", "cut short (truncated)"),
+    "config-json-incomplete": (lambda d: (d / "config.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((d / "config.json").read_text()).items() if k != "hidden_size"})),
+        "config.json", "lacks 'hidden_size'"),
+}
+
+
+@pytest.mark.parametrize("name", list(BREAKS))
+def test_load_pretrained_names_the_broken_file(llama_dir, tmp_path, name):
+    brk, filename, words = BREAKS[name]
+    d = _copy(llama_dir, tmp_path / "m")
+    brk(d)
+    with pytest.raises(JaxrlError) as e:
+        load_pretrained(str(d))
+    msg = str(e.value)
+    assert str(d / filename) in msg and words in msg, msg
+    assert "download the model directory again" in msg  # the fix
+
+
+def test_sharded_index_malformed_or_naming_a_missing_shard(llama_dir, tmp_path):
+    d = _sharded(llama_dir, tmp_path)
+    index = d / "model.safetensors.index.json"
+    text = index.read_text()
+    index.write_text(text[: len(text) // 2])
+    with pytest.raises(JaxrlError, match="model.safetensors.index.json: the safetensors index is corrupt or "
+                                         r"incomplete .*cut short \(truncated\)"):
+        load_pretrained(str(d))
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(JaxrlError, match=r"index.json: the safetensors index is malformed \(no 'weight_map'"):
+        load_pretrained(str(d))
+    index.write_text(text)
+    shard = sorted(glob.glob(str(d / "model-*.safetensors")))[-1]
+    _cut(type(d)(shard), -500)
+    with pytest.raises(JaxrlError, match=re.escape(shard) + " is corrupt or incomplete: tensor .*(truncated)"):
+        load_pretrained(str(d))
+    os.remove(shard)
+    with pytest.raises(JaxrlError, match=f"names {os.path.basename(shard)}, which is missing .*incomplete"):
+        load_pretrained(str(d))
+
+
+def _fails(capsys, argv, command, *needles):
+    """Runs the CLI, which must exit 1 with one error line that holds every needle and no traceback."""
+    assert cli.main([str(a) for a in argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"jaxrl {command}: error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert str(needle) in err, err
+    return err
+
+
+@pytest.mark.parametrize("broken", ["model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                                    "generation_config.json"])
+def test_generate_names_a_cut_short_model_file(llama_dir, tmp_path, capsys, broken):
+    d = _copy(llama_dir, tmp_path / "m")
+    if broken == "generation_config.json":
+        (d / broken).write_text('{"eos_token_id": [3, ')
+    else:
+        _cut(d / broken, 60)
+    out = tmp_path / "out" / "gen.jsonl"
+    _fails(capsys, ["generate", "--model", d, "--prompt", "the fox", "--max-new-tokens", "2", "--output", out],
+           "generate", d / broken, "corrupt or incomplete")
+    assert not out.parent.exists()
+
+
+def test_run_yaml_and_ds_config_cut_short(tmp_path, capsys):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text('train:\n  steps: 2\nmodel: {path: "ti')
+    output = tmp_path / "out"
+    _fails(capsys, ["sft", "--config", yaml_file, "--output", output], "sft", yaml_file,
+           "config file is corrupt or incomplete (not valid YAML", "cut short")
+    ds = tmp_path / "ds_config.json"
+    ds.write_text('{"train_batch_size": 16, "zero_optimization": {"stage": 2')
+    _fails(capsys, ["sft", "--config", TINY, "--deepspeed", ds, "--output", output, *SHAPES], "sft", ds,
+           "DeepSpeed config file is corrupt or incomplete", "cut short")
+    assert not output.exists()
+
+
+def test_a_damaged_checkpoint_names_its_step_and_how_to_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    run = ["sft", "--config", TINY, "--output", out, *SHAPES, "train.eval_every=0", "train.save_every=1",
+           "train.log_every=1"]
+    assert cli.main([str(a) for a in run + ["train.steps=2"]]) == 0
+    capsys.readouterr()
+    step2 = out / "checkpoints" / "2"
+    for path in glob.glob(str(step2 / "state" / "d" / "*")):  # the arrays' data files, cut short
+        _cut(type(out)(path), 10)
+    _fails(capsys, run + ["train.steps=3"], "sft", f"checkpoint step 2 in {step2} is corrupt or incomplete",
+           f"delete {step2} to resume from step 1")
+    shutil.rmtree(step2)  # what the message says to do: step 1 is then the one a rerun resumes from
+    with Checkpointer(out / "checkpoints") as ckpt:
+        assert ckpt.latest_step() == 1
+        _, extra = ckpt.restore()
+    assert extra["step"] == 1
