@@ -151,3 +151,68 @@ def test_a_damaged_checkpoint_names_its_step_and_how_to_resume(tmp_path, capsys)
         assert ckpt.latest_step() == 1
         _, extra = ckpt.restore()
     assert extra["step"] == 1
+
+
+# ------------------------------------------------------------------ reward model export without a pad token
+def _no_pad_tokenizer(unk: bool):
+    """The fixture tokenizer with no pad token (like Llama's); `unk=False` also drops <unk> (Llama 3)."""
+    from transformers import PreTrainedTokenizerFast
+
+    base = fx.make_tokenizer().backend_tokenizer
+    extra = dict(unk_token="<unk>") if unk else {}
+    return PreTrainedTokenizerFast(tokenizer_object=base, bos_token="<bos>", eos_token="<eos>", **extra)
+
+
+def _batch(tok, side: str):
+    """4 texts of unequal lengths + EOS, padded on `side` with the tokenizer's pad: (ids, mask, positions)."""
+    import numpy as np
+
+    texts = ["the quick brown fox", "jax", "reinforcement learning from human feedback", "1+2=3 hello"]
+    seqs = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    t = max(map(len, seqs))
+    ids = np.full((4, t), tok.pad_token_id, np.int64)
+    mask = np.zeros((4, t), np.int64)
+    for i, s in enumerate(seqs):
+        cols = slice(0, len(s)) if side == "right" else slice(t - len(s), t)
+        ids[i, cols], mask[i, cols] = s, 1
+    assert len(set(map(len, seqs))) == 4
+    return ids, mask, np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+
+
+@pytest.mark.parametrize("unk", [True, False], ids=["llama2-like-unk", "llama3-like-bos"])
+def test_reward_export_without_pad_token_scores_batches_in_transformers(tmp_path, unk):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from jaxrl.models.hf import save_pretrained
+
+    src = tmp_path / "llama"
+    fx.make_hf_model("llama", str(src), pad_token_id=None)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / name).exists():
+            os.remove(src / name)
+    _no_pad_tokenizer(unk).save_pretrained(src)
+    assert json.loads((src / "config.json").read_text()).get("pad_token_id") is None
+    assert AutoTokenizer.from_pretrained(src).pad_token_id is None
+
+    model = load_pretrained(str(src), kind="score")  # a reward model started from a causal LM
+    kernel = model.score.kernel
+    kernel[...] = jax.random.normal(jax.random.key(0), kernel.shape, kernel.dtype)  # a non-trivial head
+    out = tmp_path / "rm"
+    save_pretrained(model, str(out))
+
+    want = 1 if unk else 2  # <unk>, else <bos>: never the last token of a scored sequence (EOS is)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert json.loads((out / "config.json").read_text())["pad_token_id"] == want == tok.pad_token_id
+    hf = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    for side in ("right", "left"):
+        ids, mask, pos = _batch(tok, side)
+        with torch.no_grad():
+            ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                     position_ids=torch.tensor(pos)).logits[:, 0].numpy()
+        ours = np.asarray(model.sequence_score(jnp.asarray(ids), jnp.asarray(mask)))
+        assert np.ptp(ours) > 1e-3, ours  # rows differ: the comparison can see a wrong position
+        np.testing.assert_allclose(ref, ours, rtol=1e-4, atol=1e-4, err_msg=side)

@@ -8,7 +8,9 @@ Safetensors only: nothing is ever unpickled.
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
 import re
 import shutil
@@ -21,12 +23,14 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from jaxrl.errors import JaxrlError
-from jaxrl.models.config import ModelConfig
 from jaxrl.io import check_json_files, read_json
+from jaxrl.models.config import ModelConfig
 from jaxrl.models.safetensors_io import REFETCH, TensorStore
 from jaxrl.models.transformer import ScoreModel, Transformer
 from jaxrl.parallel.mesh import to_host
 from jaxrl.parallel.sharding import ModelShardings
+
+log = logging.getLogger(__name__)
 
 _LLAMA = [
     ("model.embed_tokens.weight", "embed.embedding", None),
@@ -401,6 +405,13 @@ def save_pretrained(model, path: str, *, tokenizer=None, dtype=np.float32) -> No
 def _write_directory(model, cfg, score, tensors, path, tokenizer, dtype):
     from safetensors.numpy import save_file
 
+    if score:  # a sequence classifier needs a pad id, in config.json and the tokenizer alike
+        source = tokenizer if tokenizer is not None else _source_tokenizer(model)
+        pad = score_pad_id(cfg, source)
+        cfg = cfg.replace(pad_token_id=pad)
+        if source is not None and pad is not None and source.pad_token_id != pad:
+            tokenizer = copy.deepcopy(source)  # the caller's tokenizer keeps its own setting
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -418,6 +429,47 @@ def _write_directory(model, cfg, score, tensors, path, tokenizer, dtype):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def score_pad_id(cfg: ModelConfig, tokenizer=None) -> int | None:
+    """The pad id a sequence-classification export writes.
+
+    transformers' `...ForSequenceClassification` scores the rightmost token that is not `pad_token_id`
+    and refuses batches larger than one without one. jaxrl scores the last real token of
+    `prompt + response + EOS`, i.e. the EOS, so the common pad = EOS (TRL, OpenRLHF) would make
+    transformers score the token before that EOS instead. The first that exists: the model's pad, the
+    tokenizer's pad, its unknown token, BOS (both never end a scored sequence), and EOS only as a last
+    resort (with a warning).
+    """
+    tok = lambda name: getattr(tokenizer, name, None) if tokenizer is not None else None  # noqa: E731
+    if cfg.pad_token_id is not None:
+        return cfg.pad_token_id
+    if tok("pad_token_id") is not None:
+        return tok("pad_token_id")
+    eos = set(cfg.eos_ids) | ({tok("eos_token_id")} - {None})
+    for candidate in (tok("unk_token_id"), cfg.bos_token_id, tok("bos_token_id")):
+        if candidate is not None and candidate not in eos:
+            return int(candidate)
+    if eos:
+        pad = min(eos) if cfg.eos_token_id is None else cfg.eos_ids[0]
+        log.warning("the reward model has no pad, unknown or BOS token distinct from EOS; exported with "
+                    "pad_token_id = EOS (%d), so transformers scores the token before a trailing EOS", pad)
+        return int(pad)
+    return None
+
+
+def _source_tokenizer(model):
+    """The tokenizer of the directory `model` was loaded from, or None."""
+    src = getattr(model, "source_path", None) or getattr(getattr(model, "backbone", None), "source_path", None)
+    if not src or not any(os.path.exists(os.path.join(src, n)) for n in _TOKENIZER_FILES[:2]):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        check_tokenizer_files(src)
+        raise JaxrlError(f"could not load the tokenizer of {src} to export it: {e}") from None
 
 
 def _save_tokenizer(model, tokenizer, out):
