@@ -216,3 +216,45 @@ def test_reward_export_without_pad_token_scores_batches_in_transformers(tmp_path
         ours = np.asarray(model.sequence_score(jnp.asarray(ids), jnp.asarray(mask)))
         assert np.ptp(ours) > 1e-3, ours  # rows differ: the comparison can see a wrong position
         np.testing.assert_allclose(ref, ours, rtol=1e-4, atol=1e-4, err_msg=side)
+
+
+# ------------------------------------------------------------------------ nothing written before validation
+def _jsonl(tmp_path, text):
+    path = tmp_path / "data.jsonl"
+    path.write_text(text)
+    return f"data.path={path}"
+
+
+@pytest.mark.parametrize("command, extra, message", [
+    ("pipeline", lambda p: ["--steps", "4"], "--steps '4': give a comma-separated subset of 1,2,3"),
+    ("pipeline", lambda p: ["--steps", "2,3"], "run step 1 (SFT) first"),
+    ("pipeline", lambda p: ["train.stepz=3"], "unknown config key 'train.stepz'"),
+    ("sft", lambda p: ["train.stepz=3"], "unknown config key 'train.stepz'"),
+    ("sft", lambda p: ["mesh.data=16"], "needs 16 devices but 8 are available"),
+    ("sft", lambda p: [_jsonl(p, '{"prompt": "1+1=", "response": "2"}\n{"prompt": "2+2=", "resp\n'),
+                       "data.split=1,0,0"], "data.jsonl line 2: invalid JSON"),
+    ("reward", lambda p: ["zero_stage=5"], "zero_stage"),
+    ("reward", lambda p: [f"model.path={p / 'no-such-model'}"], "is neither an HF directory nor a preset"),
+    ("ppo", lambda p: ["precision.compute=fp8"], "precision.compute"),
+    ("ppo", lambda p: [], "ppo needs model.reward_path"),
+], ids=["pipeline-steps-4", "pipeline-missing-step1", "pipeline-bad-key", "sft-bad-key", "sft-mesh",
+        "sft-bad-row", "reward-bad-value", "reward-missing-model", "ppo-bad-value", "ppo-no-reward-model"])
+def test_a_rejected_run_writes_nothing(tmp_path, capsys, monkeypatch, command, extra, message):
+    monkeypatch.chdir(tmp_path)  # the embedded default's output is the relative outputs/tiny
+    output = tmp_path / "out"
+    argv = [command, "--config", TINY, *SHAPES, *extra(tmp_path)]
+    _fails(capsys, argv, command, message)
+    assert not (tmp_path / "outputs").exists()
+    _fails(capsys, argv + ["--output", output], command, message)
+    assert not output.exists()
+
+
+def test_generate_and_eval_reward_reject_flags_before_writing(llama_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    _fails(capsys, ["generate", "--model", llama_dir, "--prompt", "x", "--greedy", "--temperature", "0.7",
+                    "--output", out / "gen.jsonl"], "generate", "--greedy cannot be combined")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n')
+    _fails(capsys, ["eval-reward", "--model", llama_dir, "--data", pairs, "--batch-size", "0",
+                    "--output", out / "report.json"], "eval-reward", "--batch-size must be >= 1")
+    assert not out.exists()

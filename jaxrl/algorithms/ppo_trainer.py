@@ -333,6 +333,6 @@ def run_ppo(cfg: RunConfig) -> dict:
     state = trainer.init_state()
     spec = loop.Loop(name="ppo", steps=cfg.train.steps, state=state, update=trainer.update, evaluate=evaluate,
                      export=export, data_state=trainer.data_state, restore_data=trainer.restore_data,
-                     show=("reward/score", "kl"), allow_nonfinite=cfg.precision.compute == "fp16")
+                     show=("reward/score", "kl"), allow_nonfinite=cfg.precision.compute == "fp16", config=cfg)
     loop.run(spec, schedule(cfg), cfg.output)
     return result

@@ -24,10 +24,10 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from jaxrl.commands.train import load_run_config
 
+    steps = parse_steps(args.steps)  # every argument is checked before anything is written
     if args.config is None:  # the embedded default: tiny model, synthetic task, CPU
         args.config = default_config()
     cfg = load_run_config(args)
-    steps = parse_steps(args.steps)
     summary = run_pipeline(cfg, steps)
     print(json.dumps(summary, indent=2))
     return 0
@@ -59,15 +59,24 @@ def parse_steps(text: str) -> tuple[int, ...]:
 
 def run_pipeline(cfg, steps=(1, 2, 3)) -> dict:
     """Runs the chosen steps; a later step reads the earlier steps' exports, which must exist."""
+    import jax
+
     from jaxrl.commands.train import run_reward, run_sft
-    from jaxrl.config import apply_overrides
+    from jaxrl.config import apply_overrides, save_yaml
 
     out = cfg.output
     dirs = {i: os.path.join(out, d) for i, d in STEP_DIRS.items()}
     shared = [f"data.cache_dir={cfg.data.cache_dir or os.path.join(out, 'data')}"]
     sft_hf, reward_hf = os.path.join(dirs[1], "hf"), os.path.join(dirs[2], "hf")
     p = cfg.pipeline
+    # A step this run does not make must already be there, checked before anything is written.
+    if 1 not in steps and {2, 3} & set(steps):
+        _require(sft_hf, "step 1 (SFT)")
+    if 2 not in steps and 3 in steps:
+        _require(reward_hf, "step 2 (reward model)")
     summary = _read(os.path.join(out, "summary.json"))
+    if jax.process_index() == 0:
+        save_yaml(cfg, os.path.join(out, "config.yaml"))
 
     if 1 in steps:
         c1 = apply_overrides(cfg, shared + list(p.sft) + [f"output={dirs[1]}"])
