@@ -541,7 +541,7 @@ class PpoSection:
     epochs: int = 1
     # Generation batches collected per PPO step.
     generation_batches: int = 1
-    # Mini-batches per epoch (one optimizer step each).
+    # Mini-batches per epoch; optim.grad_accum consecutive mini-batches make one optimizer step.
     mini_batches: int = 1
     # Prompts per generation batch (global).
     rollout_batch_size: int = 16

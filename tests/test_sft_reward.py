@@ -320,3 +320,22 @@ def test_eval_reward_missing_inputs(runs, tmp_path, capsys):
     assert "data file" in capsys.readouterr().err
     assert jaxrl("eval-reward", "--model", runs["sft"] / "hf", "--data", pairs) == 1  # a causal LM
     assert "no score head" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- accumulation
+@pytest.mark.parametrize("command", ["sft", "reward"])
+def test_accumulated_step_logs_the_metrics_of_one_big_batch(command, tmp_path):
+    """optim.grad_accum=2 over two micro-batches of 8 rows logs what one step on those 16 rows logs."""
+    logged = {}
+    for accum in (1, 2):
+        out = tmp_path / f"accum{accum}"
+        assert jaxrl(command, "--config", TINY, "--output", out, *SHAPES, "train.steps=1", "train.log_every=1",
+                     "train.eval_every=0", f"optim.grad_accum={accum}", "seed=3") == 0
+        logged[accum] = next(r for r in read_metrics(out) if "loss" in r)
+    one, acc = logged[1], logged[2]
+    keys = {"loss", "accuracy"} | ({"chosen_score", "rejected_score", "margin"} if command == "reward" else set())
+    assert keys <= set(acc)
+    for key in sorted(keys):
+        assert acc[key] == pytest.approx(one[key], abs=1e-6), key
+    if command == "reward":  # equal weights (rows), so the window's mean gradient is the big batch's
+        assert acc["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)

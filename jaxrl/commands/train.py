@@ -99,10 +99,12 @@ def _train(cfg, name, kind, loss_fn, train_arrays, eval_arrays, tokenizer):
     final = {}
 
     def update(state, step):
+        micro = []
         with jax.set_mesh(mesh):
             for _ in range(cfg.optim.grad_accum):
                 state, metrics = trainer.step(state, build.to_device(next(batches), trainer.batch_sharding))
-        return state, metrics
+                micro.append(metrics)
+        return state, build.window_metrics(jax.device_get(micro))
 
     def evaluate(state):
         it = build.iterator(eval_arrays, rows, cfg.seed, shuffle=False, num_epochs=1)
