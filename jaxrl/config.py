@@ -625,7 +625,7 @@ class PipelineSection:
     reward: tuple[str, ...] = ()
     # Overrides for step 3 (PPO).
     ppo: tuple[str, ...] = ()
-    # Held-out prompts sampled for the task-accuracy figures of summary.json (synthetic task).
+    # Held-out prompts sampled for the task-accuracy and reward-score figures of summary.json (synthetic task).
     eval_prompts: int = 256
 
     def __post_init__(self):

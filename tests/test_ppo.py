@@ -232,3 +232,25 @@ def test_grad_accum_schedule_counts_optimizer_updates(root):
 
     with pytest.raises(JaxrlError, match=r"ppo.epochs x ppo.mini_batches = 2 .* multiple of optim.grad_accum=4"):
         ppo_trainer.total_updates(load_config(None, [*base, "ppo.epochs=1", "optim.grad_accum=4"]))
+
+
+def test_eval_uses_every_held_out_prompt(root, one_device):
+    """13 held-out prompts with ppo.rollout_batch_size=16 (was: "the dataset has 13 examples, fewer than
+    train.batch_size=16"): greedy eval metrics equal those of one unpadded batch of exactly those prompts."""
+    from jaxrl.data.formats import PromptRecord
+    from jaxrl.data.tokenize import Encoder, tokenize_prompts
+
+    roles, mesh = one_device["roles"], one_device["mesh"]
+    rows13 = synthetic.make_task_rows(13, seed=5, kind="prompt", held_out=True)
+    evals = tokenize_prompts([PromptRecord(r["prompt"], None, str(i)) for i, r in enumerate(rows13)],
+                             Encoder.from_tokenizer(roles.tokenizer), max_prompt_len=8).arrays
+    got = {}
+    for rows in (16, 13):
+        cfg = load_config(None, [*overrides(root), "mesh.data=1", "generation.mesh.data=1", "generation.mesh.tensor=1",
+                                 f"ppo.rollout_batch_size={rows}", "ppo.mini_batches=1", "ppo.eval_prompts=64"])
+        prompts, _, _ = ppo_trainer.load_prompts(cfg, roles.tokenizer)
+        trainer = ppo_trainer.PPO(cfg, mesh, roles, prompts, evals, None)
+        got[rows] = trainer.evaluate(one_device["state"], temperature=0.0)
+    assert set(got[16]) == {"score", "task_accuracy"}
+    assert got[16]["task_accuracy"] == got[13]["task_accuracy"]
+    assert got[16]["score"] == pytest.approx(got[13]["score"], rel=1e-5)

@@ -265,20 +265,24 @@ class PPO:
     def evaluate(self, state, *, temperature=None) -> dict:
         """Mean reward-model score of sampled responses to the held-out prompts (and, on the synthetic
         task, the checker's task accuracy)."""
-        if self.eval_prompts is None:
+        if self.eval_prompts is None or self.cfg.ppo.eval_prompts == 0:
             return {}
         cfg_s = dataclasses.replace(self.sampler, temperature=self.sampler.temperature
                                     if temperature is None else temperature)
-        it = build.iterator(self.eval_prompts, self.rows, self.cfg.seed, shuffle=False, num_epochs=1)
+        # The first ppo.eval_prompts held-out prompts, every one of them: the last batch is padded and its
+        # padding rows are generated but left out of the metrics.
+        it = build.eval_iterator(self.eval_prompts, self.rows, self.cfg.ppo.eval_prompts)
         scores, prompts, responses = [], [], []
         p_len = self.cfg.data.max_prompt_len
-        for i, batch in zip(range(-(-self.cfg.ppo.eval_prompts // self.rows)), it):
+        for i, batch in enumerate(it):
             rng = jax.random.fold_in(jax.random.key(self.cfg.seed + 7), i)
+            valid = build.to_device({"valid": batch.pop("valid")}, self.train_sharding)["valid"]
             rolled = self.rollout(state["actor"], batch, rng, sampler=cfg_s)
             with jax.set_mesh(self.mesh):
                 score = self._score_only(self.roles.reward[1], rolled)
-            rolled = {k: to_host(v) for k, v in rolled.items()}  # every process decodes all rows
-            scores.append(to_host(score))
+            real = to_host(valid) > 0  # every process decodes all rows
+            rolled = {k: to_host(v)[real] for k, v in rolled.items()}
+            scores.append(to_host(score)[real])
             prompts += self.decode(rolled["seq"][:, :p_len], rolled["attention_mask"][:, :p_len])
             responses += self.decode(rolled["seq"][:, p_len:], rolled["response_mask"])
         out = {"score": float(np.mean(np.concatenate(scores)))} if scores else {}

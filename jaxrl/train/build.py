@@ -179,6 +179,16 @@ def iterator(arrays: dict, rows: int, seed: int, *, shuffle=True, num_epochs=Non
                          process_index=jax.process_index(), process_count=jax.process_count())
 
 
+def eval_iterator(arrays: dict, rows: int, limit: int | None = None) -> BatchIterator:
+    """One in-order pass over the first `limit` rows (all by default) in batches of `rows`, the last one
+    padded and every batch carrying the `valid` row mask (`BatchIterator.pad_last`): every held-out row
+    is evaluated once, whatever their number."""
+    if limit is not None:
+        arrays = {k: v[:limit] for k, v in arrays.items()}
+    return BatchIterator(arrays, rows, shuffle=False, num_epochs=1, pad_last=True,
+                         process_index=jax.process_index(), process_count=jax.process_count())
+
+
 def to_device(batch: dict, sharding) -> dict:
     """This process's rows -> global arrays sharded over the data axes (no host gather)."""
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
