@@ -536,7 +536,7 @@ class PpoSection:
     epochs: int = 1
     # Generation batches collected per PPO step.
     generation_batches: int = 1
-    # Mini-batches per epoch (one optimizer step each).
+    # Mini-batches per epoch; optim.grad_accum consecutive mini-batches make one optimizer step.
     mini_batches: int = 1
     # Prompts per generation batch (global).
     rollout_batch_size: int = 16
@@ -620,7 +620,7 @@ class PipelineSection:
     reward: tuple[str, ...] = ()
     # Overrides for step 3 (PPO).
     ppo: tuple[str, ...] = ()
-    # Held-out prompts sampled for the task-accuracy figures of summary.json (synthetic task).
+    # Held-out prompts sampled for the task-accuracy and reward-score figures of summary.json (synthetic task).
     eval_prompts: int = 256
 
     def __post_init__(self):

@@ -38,7 +38,8 @@ def sft_loss(model, batch):
 
     Args:
       model: a `Transformer`, `model(input_ids, attention_mask) -> logits (B, T, V)`.
-      batch: `input_ids`, `attention_mask`, `loss_mask` (B, T); packing keys, if any, are not used.
+      batch: `input_ids`, `attention_mask`, `loss_mask` (B, T); packing keys, if any, are not used;
+        optional `valid` (B,): 0 marks a padding row of an evaluation batch, whose tokens then do not count.
     Returns:
       loss (scalar fp32) and metrics `loss`, `accuracy`, `weight` (number of target tokens).
     """
@@ -48,6 +49,8 @@ def sft_loss(model, batch):
     weights = batch["loss_mask"][:, 1:].astype(jnp.float32)  # (B, T-1)
     if segments is not None:  # no target across an example boundary
         weights = weights * (segments[:, 1:] == segments[:, :-1])
+    if "valid" in batch:
+        weights = weights * batch["valid"][:, None]
     count = weights.sum()
     denom = jnp.maximum(count, 1.0)  # an all-masked local slice: loss 0 with weight 0, not NaN
     logp = token_logprobs(logits, ids)

@@ -101,8 +101,8 @@ def run_pipeline(cfg, steps=(1, 2, 3)) -> dict:
         logged = [m for m in read_metrics(dirs[3]) if "kl" in m]
         tail = logged[-max(1, len(logged) // 5):]  # the last fifth of the run: where PPO ended up
         summary["ppo"] = {
-            **_task_accuracy(c3, sft_hf, "task_accuracy_before"),
-            **_task_accuracy(c3, os.path.join(dirs[3], "hf"), "task_accuracy_after"),
+            **_task_accuracy(c3, sft_hf, "task_accuracy_before", reward_hf, "reward_before"),
+            **_task_accuracy(c3, os.path.join(dirs[3], "hf"), "task_accuracy_after", reward_hf, "reward_after"),
             "kl": sum(m["kl"] for m in tail) / len(tail),
             "reward_score_first": logged[0]["reward/score"], "reward_score_last": tail[-1]["reward/score"],
         }
@@ -120,8 +120,9 @@ def _step(directory: str, fn) -> dict:
     return result
 
 
-def _task_accuracy(cfg, model_dir: str, key: str) -> dict:
-    """Checker accuracy of sampled answers to held-out prompts (synthetic task only)."""
+def _task_accuracy(cfg, model_dir: str, key: str, reward_dir: str | None = None, reward_key: str = "") -> dict:
+    """Checker accuracy of sampled answers to held-out prompts (synthetic task only) under `key` and, with
+    `reward_dir`, the reward model's mean score of the same prompt + response sequences under `reward_key`."""
     if cfg.data.paths != ("synthetic",):
         return {}
     import jax
@@ -142,8 +143,27 @@ def _task_accuracy(cfg, model_dir: str, key: str) -> dict:
         out = generate(model, ids, max_new_tokens=cfg.generation.max_new_tokens,
                        temperature=cfg.generation.temperature, top_p=cfg.generation.top_p,
                        top_k=cfg.generation.top_k, seed=cfg.seed + 12345, batch_size=64)
-    responses = [tok.decode(o, skip_special_tokens=True) for o in out]
-    return {key: synthetic.task_accuracy(prompts, responses)}
+        result = {key: synthetic.task_accuracy(prompts, [tok.decode(o, skip_special_tokens=True) for o in out])}
+        if reward_dir is not None:
+            result[reward_key] = _mean_score(reward_dir, [p + o for p, o in zip(ids, out)], tok.pad_token_id or 0)
+    return result
+
+
+def _mean_score(reward_dir: str, sequences: list[list[int]], pad_id: int) -> float:
+    """The reward model's mean score of token sequences (prompt + response, its EOS included), each read
+    at its last real token as in PPO's experience (right-padded here: the score ignores the padding side)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxrl.models.hf import load_pretrained
+
+    length = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), length), pad_id, np.int32)
+    mask = np.zeros((len(sequences), length), np.int32)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)], mask[i, :len(s)] = s, 1
+    reward = load_pretrained(reward_dir, kind="score")
+    return float(np.mean(np.asarray(reward.sequence_score(jnp.asarray(ids), jnp.asarray(mask)))))
 
 
 def _require(path: str, step: str) -> None:

@@ -180,6 +180,16 @@ def iterator(arrays: dict, rows: int, seed: int, *, shuffle=True, num_epochs=Non
                          process_index=jax.process_index(), process_count=jax.process_count())
 
 
+def eval_iterator(arrays: dict, rows: int, limit: int | None = None) -> BatchIterator:
+    """One in-order pass over the first `limit` rows (all by default) in batches of `rows`, the last one
+    padded and every batch carrying the `valid` row mask (`BatchIterator.pad_last`): every held-out row
+    is evaluated once, whatever their number."""
+    if limit is not None:
+        arrays = {k: v[:limit] for k, v in arrays.items()}
+    return BatchIterator(arrays, rows, shuffle=False, num_epochs=1, pad_last=True,
+                         process_index=jax.process_index(), process_count=jax.process_count())
+
+
 def to_device(batch: dict, sharding) -> dict:
     """This process's rows -> global arrays sharded over the data axes (no host gather)."""
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
@@ -192,3 +202,24 @@ def weighted_mean(metrics: list[dict]) -> dict:
     w = np.array([float(m.get("weight", 1.0)) for m in metrics])
     keys = [k for k in metrics[0] if k != "weight"]
     return {k: float(np.sum(w * np.array([float(m[k]) for m in metrics])) / max(w.sum(), 1e-9)) for k in keys}
+
+
+# Metrics of the optimizer, not of the loss: after a window of micro-batches they describe its one update.
+OPTIMIZER_METRICS = ("grad_norm", "loss_scale", "skipped_steps")
+
+
+def window_metrics(micro: list[dict]) -> dict:
+    """One optimizer step's metrics from those of its `optim.grad_accum` micro-batches (host values).
+
+    The loss function's metrics are their weighted mean, sum_i w_i m_i / sum_i w_i (all micro-batches of
+    a window see the same parameters, so this is what one step on the window's rows together reports);
+    the optimizer's (`OPTIMIZER_METRICS`: the norm of the applied window gradient, the loss scale, the
+    skipped-step count) are the last micro-batch's; `weight` is sum_i w_i.
+    """
+    if len(micro) == 1:
+        return micro[0]
+    out = weighted_mean(micro)
+    out.update({k: micro[-1][k] for k in OPTIMIZER_METRICS if k in micro[-1]})
+    if "weight" in micro[-1]:
+        out["weight"] = float(sum(float(m["weight"]) for m in micro))
+    return out
