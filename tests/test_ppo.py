@@ -254,3 +254,66 @@ def test_eval_uses_every_held_out_prompt(root, one_device):
     assert set(got[16]) == {"score", "task_accuracy"}
     assert got[16]["task_accuracy"] == got[13]["task_accuracy"]
     assert got[16]["score"] == pytest.approx(got[13]["score"], rel=1e-5)
+
+
+def _single_update_cfg(root, *extra):
+    """One small PPO step: one generation batch, one epoch, one mini-batch, no EMA, no ptx, a fixed KL."""
+    return load_config(None, overrides(root) + ["mesh.data=1", "generation.mesh.data=1", "generation.mesh.tensor=1",
+                                                "ppo.generation_batches=1", "ppo.epochs=1", "ppo.mini_batches=1",
+                                                "ppo.ema=0", "ppo.ptx_coef=0", "ppo.adaptive_kl=false", *extra])
+
+
+def _per_device_bytes(tree):
+    return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
+
+
+def _abstract_bytes(tree):
+    """Per-device bytes of a tree of sharded ShapeDtypeStructs."""
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def test_frozen_roles_are_stored_in_the_compute_dtype(root):
+    """bf16 compute under ZeRO-3 over 8 devices: the reference and reward models hold bf16 weights (half the
+    per-device bytes of the fp32 actor and critic masters, same architectures); ppo.frozen_dtype=fp32 keeps fp32."""
+    mesh = make_mesh(1, 8, 1)
+    common = ["precision.compute=bf16", "mesh.fsdp=8", "zero_stage=3", "generation.mesh.data=-1"]
+    for frozen_dtype, want in (("compute", np.dtype("bfloat16")), ("fp32", np.dtype("float32"))):
+        roles = ppo_trainer.load_roles(_single_update_cfg(root, *common, f"ppo.frozen_dtype={frozen_dtype}"), mesh)
+        actor, critic = roles.actor.abstract_state().params, roles.critic.abstract_state().params
+        assert {x.dtype for x in jax.tree.leaves(actor) + jax.tree.leaves(critic)} == {np.dtype("float32")}
+        ref, reward = roles.ref[1], roles.reward[1]
+        assert {x.dtype for x in jax.tree.leaves(ref) + jax.tree.leaves(reward)} == {want}
+        ratio = want.itemsize / 4
+        sizes = {name: _per_device_bytes(tree) for name, tree in (("reference", ref), ("reward", reward))}
+        print(f"ppo.frozen_dtype={frozen_dtype}: per-device bytes {sizes}")
+        assert sizes["reference"] == ratio * _abstract_bytes(actor)
+        assert sizes["reward"] == ratio * _abstract_bytes(critic)
+
+
+def test_kl_coef_zero_loads_no_reference_and_trains_as_with_one(root):
+    """ppo.kl_coef=0: no reference model; one PPO step gives the actor and critic that a run with a
+    reference (here a different random model, so its KL is not 0) gives at coefficient 0."""
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    cfg = _single_update_cfg(root, "ppo.kl_coef=0")
+    results = {}
+    for with_ref in (False, True):
+        roles = ppo_trainer.load_roles(cfg, mesh)
+        assert roles.ref is None
+        if with_ref:  # what the code did before: a reference loaded and scored at coefficient 0
+            with jax.set_mesh(mesh):
+                roles.ref = nnx.split(Transformer(roles.arch, rngs=nnx.Rngs(9)))
+        prompts, eval_prompts, _ = ppo_trainer.load_prompts(cfg, roles.tokenizer)
+        trainer = ppo_trainer.PPO(cfg, mesh, roles, prompts, eval_prompts, None)
+        state, metrics = trainer.update(trainer.init_state(), 1)
+        results[with_ref] = (jax.device_get(state), metrics, trainer)
+    (without, m0, trainer), (with_ref, m1, _) = results[False], results[True]
+    assert m0["kl"] == 0.0 and m1["kl"] != 0.0  # the reference was scored, and differed from the actor
+    for k in m0:
+        if k not in ("kl",) and not k.startswith("time/"):
+            assert m0[k] == m1[k], k
+    for role in ("actor", "critic"):
+        for x, y in zip(jax.tree.leaves(without[role].params), jax.tree.leaves(with_ref[role].params)):
+            np.testing.assert_array_equal(x, y)
+    # Resuming such a run from a checkpoint whose coefficient is not 0 would need the missing reference.
+    with pytest.raises(JaxrlError, match="loaded no reference model"):
+        trainer.restore_data(dict(trainer.data_state(), kl_coef=0.1))

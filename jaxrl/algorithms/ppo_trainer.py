@@ -36,11 +36,12 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Roles:
-    """The four models: two trained (actor, critic: Trainers) and two frozen (reference, reward)."""
+    """The models: two trained (actor, critic: Trainers) and two frozen (reference, reward), the frozen
+    ones stored in the compute dtype (`build.frozen_spec`)."""
 
     actor: object
     critic: object
-    ref: tuple  # (graphdef, state)
+    ref: tuple | None  # (graphdef, state); None when ppo.kl_coef is 0 (see needs_reference)
     reward: tuple
     hybrid: HybridEngine
     arch: object
@@ -62,15 +63,16 @@ def load_roles(cfg: RunConfig, mesh) -> Roles:
     actor_loss = functools.partial(ppo.actor_loss, prompt_len=cfg.data.max_prompt_len, clip_ratio=p.clip_ratio,
                                    entropy_coef=p.entropy_coef, ptx_coef=p.ptx_coef)
     actor_trainer = build.make_trainer(cfg, mesh, actor, layout, actor_loss, total_steps=updates)
-    frozen = dataclasses.replace(build.spec_from(cfg), lora_rank=0, remat="none")
     critic_spec = dataclasses.replace(build.spec_from(cfg, critic_path, kind="score"), lora_rank=0)
     critic, critic_layout = build.build_model(critic_spec, build.model_arch(critic_path, tok), mesh, stage)
     critic_loss = functools.partial(ppo.critic_loss, prompt_len=cfg.data.max_prompt_len, value_clip=p.value_clip,
                                     vf_coef=p.vf_coef)
     critic_trainer = build.make_trainer(cfg, mesh, critic, critic_layout, critic_loss, lr=p.critic_lr,
                                         total_steps=updates, lora=False)
-    ref, _ = build.build_model(frozen, arch, mesh, stage)
-    reward_spec = dataclasses.replace(frozen, path=reward_path, kind="score")
+    ref = None
+    if needs_reference(cfg):
+        ref = nnx.split(build.build_model(build.frozen_spec(cfg), arch, mesh, stage)[0])
+    reward_spec = build.frozen_spec(cfg, reward_path, kind="score")
     reward, _ = build.build_model(reward_spec, build.model_arch(reward_path, tok), mesh, stage)
     gen_dtype = dtype_of(cfg.generation.dtype)
     hybrid = HybridEngine(
@@ -79,7 +81,14 @@ def load_roles(cfg: RunConfig, mesh) -> Roles:
         generation_mesh(cfg.generation.mesh.data, cfg.generation.mesh.tensor, devices=mesh.devices.flatten()),
         gen_dtype,
     )
-    return Roles(actor_trainer, critic_trainer, nnx.split(ref), nnx.split(reward), hybrid, arch, tok)
+    return Roles(actor_trainer, critic_trainer, ref, nnx.split(reward), hybrid, arch, tok)
+
+
+def needs_reference(cfg: RunConfig) -> bool:
+    """Whether PPO loads the reference model: only its KL penalty reads it, so not when ppo.kl_coef is 0.
+    The adaptive controller cannot move a 0 coefficient (it multiplies it), and the config refuses
+    adaptive_kl with kl_coef 0, so a run that starts without the reference never needs it."""
+    return cfg.ppo.kl_coef != 0
 
 
 def total_updates(cfg: RunConfig) -> int:
@@ -145,6 +154,9 @@ class PPO:
     def restore_data(self, d: dict) -> None:
         self.prompts.restore(d["prompts"])
         self.kl_coef = float(d["kl_coef"])
+        if self.roles.ref is None and self.kl_coef != 0:
+            raise JaxrlError(f"the checkpoint's KL coefficient is {self.kl_coef}, but ppo.kl_coef=0 loaded no "
+                             f"reference model; resume with the ppo.kl_coef the run started with")
         self.score_stats = tuple(float(x) for x in d.get("score_stats", self.score_stats))
         if self.ptx and d.get("ptx"):
             self.ptx.restore(d["ptx"])
@@ -200,8 +212,9 @@ class PPO:
         a, c = state["actor"], state["critic"]
         with jax.set_mesh(self.mesh):
             stats = tuple(jnp.float32(x) for x in self.score_stats) if self.cfg.ppo.normalize_reward else None
-            return settle(self._experience(a.params, a.frozen, self.roles.ref[1], c.params, c.frozen,
-                                           self.roles.reward[1], batch, jnp.float32(self.kl_coef), stats))
+            ref = None if self.roles.ref is None else self.roles.ref[1]
+            return settle(self._experience(a.params, a.frozen, ref, c.params, c.frozen, self.roles.reward[1], batch,
+                                           jnp.float32(self.kl_coef), stats))
 
     def _experience_fn(self, actor_params, actor_frozen, ref_state, critic_params, critic_frozen, reward_state,
                        batch, kl_coef, score_stats):
@@ -210,7 +223,7 @@ class PPO:
         rows = P(DATA_AXES)
         return ppo.experience(
             shard_activations(nnx.merge(r.actor.graphdef, actor_params, actor_frozen), rows),
-            shard_activations(nnx.merge(r.ref[0], ref_state), rows),
+            None if ref_state is None else shard_activations(nnx.merge(r.ref[0], ref_state), rows),
             shard_activations(nnx.merge(r.critic.graphdef, critic_params, critic_frozen), rows),
             shard_activations(nnx.merge(r.reward[0], reward_state), rows),
             batch, prompt_len=self.cfg.data.max_prompt_len, kl_coef=kl_coef, kl_estimator=p.kl_estimator,

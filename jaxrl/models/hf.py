@@ -26,7 +26,7 @@ from jaxrl.errors import JaxrlError
 from jaxrl.io import check_json_files, read_json
 from jaxrl.models.config import ModelConfig
 from jaxrl.models.safetensors_io import REFETCH, TensorStore
-from jaxrl.models.transformer import ScoreModel, Transformer
+from jaxrl.models.transformer import ScoreModel, Transformer, store_params
 from jaxrl.parallel.mesh import to_host
 from jaxrl.parallel.sharding import ModelShardings
 
@@ -269,17 +269,21 @@ def _score_prefix(path: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- load
 def load_pretrained(path: str, dtype=jnp.float32, *, kind: str = "causal_lm",
-                    shardings: ModelShardings | None = None, remat: str = "none", seed: int = 0):
+                    shardings: ModelShardings | None = None, remat: str = "none", seed: int = 0,
+                    param_dtype=jnp.float32, logits_chunk: int = 0):
     """Loads an HF directory into a jaxrl model.
 
     Args:
       path: directory with config.json and model.safetensors (or a sharded index).
-      dtype: compute dtype; parameters stay fp32.
+      dtype: compute dtype.
       kind: 'causal_lm' -> `Transformer`; 'score' -> `ScoreModel` (reward model / critic). A score model
         loaded from a causal-LM checkpoint gets a freshly initialised head (DeepSpeed-Chat's critic and
         reward model start that way).
       shardings: parameter layout; under `jax.set_mesh(mesh)` each tensor is placed straight onto its
         shards (each device reads only its slice of the file).
+      param_dtype: the parameters' storage dtype: fp32 (the master copy of a model that trains), or the
+        compute dtype for a frozen model; each slice is cast as it is read (see `store_params`).
+      logits_chunk: a causal LM's `Transformer.logits_chunk`.
     Returns:
       The model, with `source_path` recording `path` (save_pretrained copies its tokenizer from there).
     """
@@ -289,8 +293,10 @@ def load_pretrained(path: str, dtype=jnp.float32, *, kind: str = "causal_lm",
     if kind not in ("causal_lm", "score"):
         raise ValueError(f"kind must be 'causal_lm' or 'score', got {kind!r}")
     cls = ScoreModel if score else Transformer
-    build = lambda: cls(cfg, rngs=nnx.Rngs(seed), dtype=dtype, shardings=shardings, remat=remat)  # noqa: E731
-    abstract = nnx.eval_shape(build)
+    extra = {} if score else {"logits_chunk": logits_chunk}
+    abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(seed), dtype=dtype, shardings=shardings, remat=remat,
+                                          **extra))
+    abstract = store_params(abstract, param_dtype)  # the abstract dtypes are what each slice is read as
     graphdef, abstract_state = nnx.split(abstract)
     params = {_score_prefix(k) if score else k: (k, v) for k, v in _flat_params(abstract).items()}
     values = {}
