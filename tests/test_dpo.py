@@ -141,7 +141,8 @@ def test_sequence_logprobs_of_padded_pairs_equal_unbatched_rows():
         logits = np.asarray(model(jnp.asarray(row)[None]), np.float64)[0]  # (T, V)
         logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
         expected.append(sum(logits[t - 1, row[t]] - logz[t - 1] for t in range(p, len(row))))
-    for left in (True, False):
+    for left, chunk in ((True, 0), (False, 0), (True, 3)):  # chunk 3: the LM head over 3 positions at a time
+        model.logits_chunk = chunk
         logp, n = sequence_logprobs(model, *pad(left))
         np.testing.assert_allclose(logp, expected, rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(n, [r for _, r in shapes])

@@ -30,7 +30,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from jaxrl.algorithms.sft import token_logprobs
+from jaxrl.algorithms.sft import head_stats
 
 LossType = Literal["sigmoid", "ipo", "hinge", "simpo"]
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
@@ -44,17 +44,18 @@ def sequence_logprobs(model, input_ids, attention_mask, loss_mask):
         n_tokens[b]  = sum_t w[b, t]
 
     Chosen and rejected rows go through together when the caller concatenates them to (2B, T): one
-    forward, one compiled program. The per-token log-probs come from the shared `token_logprobs`.
+    forward, one compiled program. The LM head runs through the shared `sft.head_stats`, a chunk of
+    positions at a time, so no (B, T, V) fp32 logits exist.
 
     Args:
-      model: a causal LM, `model(input_ids, attention_mask) -> logits (B, T, V)`.
+      model: a `Transformer` with an LM head (`model.features`, `model.logits`).
       input_ids, attention_mask, loss_mask: (B, T); loss_mask is 1 on response tokens only.
     Returns:
       logp (B,) fp32 and n_tokens (B,) fp32.
     """
-    logits = model(input_ids, attention_mask)  # (B, T, V)
+    hidden = model.features(input_ids, attention_mask)  # (B, T, E)
     weights = loss_mask[:, 1:].astype(jnp.float32)  # (B, T-1)
-    logp = token_logprobs(logits, input_ids)  # (B, T-1)
+    logp = head_stats(model, hidden[:, :-1], input_ids[:, 1:])["logp"]  # (B, T-1)
     return (logp * weights).sum(axis=-1), weights.sum(axis=-1)
 
 
