@@ -17,6 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxrl.algorithms.sft import sft_loss, token_logprobs
+
 # ---------------------------------------------------------------------------------------------------
 # Masked statistics
 
@@ -287,8 +289,6 @@ def ema_update(ema_params, params, decay):
 
 def response_logprobs(model, seq, attention_mask, prompt_len: int):
     """(B, R) log-probs of the response tokens under a causal LM, and its logits (B, R, V)."""
-    from jaxrl.algorithms.sft import token_logprobs
-
     logits = model(seq, attention_mask)
     return token_logprobs(logits, seq)[:, prompt_len - 1:], logits[:, prompt_len - 1:-1]
 
@@ -361,8 +361,6 @@ def actor_loss(model, batch, *, prompt_len: int, clip_ratio: float, entropy_coef
 
         loss = policy_loss - entropy_coef * entropy + ptx_coef * ptx_loss
     """
-    from jaxrl.algorithms.sft import sft_loss
-
     mask = batch["response_mask"]
     logprobs, logits = response_logprobs(model, batch["seq"], batch["attention_mask"], prompt_len)
     loss, metrics = policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask, clip_ratio=clip_ratio)

@@ -21,15 +21,17 @@ from jax.sharding import PartitionSpec as P
 from jaxrl.algorithms import ppo
 from jaxrl.config import RunConfig
 from jaxrl.data import synthetic
+from jaxrl.data.dataset import load_records
 from jaxrl.data.tokenize import tokenize_prompts, tokenize_sft
 from jaxrl.errors import JaxrlError
 from jaxrl.generation import SamplerConfig, generate_batch
+from jaxrl.models.hf import save_pretrained
 from jaxrl.models.transformer import Transformer, shard_activations
-from jaxrl.parallel.hybrid import HybridEngine, generation_mesh
+from jaxrl.steps.hybrid import HybridEngine, generation_mesh
 from jaxrl.parallel.mesh import settle, to_host
 from jaxrl.parallel.sharding import DATA_AXES
 from jaxrl.precision import dtype_of
-from jaxrl.train import build
+from jaxrl.train import build, loop
 
 log = logging.getLogger(__name__)
 
@@ -288,8 +290,6 @@ def load_prompts(cfg: RunConfig, tokenizer):
         train, _ = build.load_split(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_fraction=0.0)),
                                     "prompt", tokenizer)
         paths, _ = build.dataset_paths(cfg, "eval")
-        from jaxrl.data.dataset import load_records
-
         evals = load_records(paths, need="prompt", seed=cfg.seed).records
     else:
         train, evals = build.load_split(cfg, "prompt", tokenizer)
@@ -297,8 +297,6 @@ def load_prompts(cfg: RunConfig, tokenizer):
     eval_arrays = tokenize_prompts(evals, enc, max_prompt_len=cfg.data.max_prompt_len).arrays if evals else None
     ptx = None
     if cfg.ppo.ptx_coef > 0:
-        from jaxrl.data.dataset import load_records
-
         recs = load_records(cfg.data.ptx_path, need="sft", seed=cfg.seed, tokenizer=tokenizer).records
         ptx = tokenize_sft(recs, enc, max_len=cfg.data.max_prompt_len + cfg.generation.max_new_tokens,
                            max_prompt_len=cfg.data.max_prompt_len, loss_on_prompt=True).arrays
@@ -307,10 +305,6 @@ def load_prompts(cfg: RunConfig, tokenizer):
 
 def run_ppo(cfg: RunConfig) -> dict:
     """`jaxrl ppo`: trains the actor and critic; writes OUTPUT/hf (actor), hf-critic, hf-ema."""
-    from jaxrl.commands.train import schedule
-    from jaxrl.models.hf import save_pretrained
-    from jaxrl.train import loop
-
     mesh = build.training_mesh(cfg)
     roles = load_roles(cfg, mesh)
     prompts, eval_prompts, ptx = load_prompts(cfg, roles.tokenizer)
@@ -334,5 +328,5 @@ def run_ppo(cfg: RunConfig) -> dict:
     spec = loop.Loop(name="ppo", steps=cfg.train.steps, state=state, update=trainer.update, evaluate=evaluate,
                      export=export, data_state=trainer.data_state, restore_data=trainer.restore_data,
                      show=("reward/score", "kl"), allow_nonfinite=cfg.precision.compute == "fp16")
-    loop.run(spec, schedule(cfg), cfg.output)
+    loop.run(spec, build.schedule(cfg), cfg.output)
     return result

@@ -400,7 +400,7 @@ def _generation_roles(cfg, arch, actor_trainer) -> list[RoleMemory]:
 
     from jaxrl.generation import SamplerConfig, decode, prefill
     from jaxrl.models.transformer import Transformer
-    from jaxrl.parallel.hybrid import HybridEngine, generation_mesh
+    from jaxrl.steps.hybrid import HybridEngine, generation_mesh
     from jaxrl.parallel.sharding import model_shardings
     from jaxrl.precision import dtype_of
 

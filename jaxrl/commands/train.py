@@ -127,16 +127,8 @@ def _train(cfg, name, kind, loss_fn, train_arrays, eval_arrays, tokenizer):
         export=export, data_state=batches.state, restore_data=batches.restore,
         show=("loss", "accuracy"), allow_nonfinite=cfg.precision.compute == "fp16",
     )
-    loop.run(spec, schedule(cfg), cfg.output)
+    loop.run(spec, build.schedule(cfg), cfg.output)
     return final
-
-
-def schedule(cfg):
-    from jaxrl.train.loop import Schedule
-
-    t = cfg.train
-    return Schedule(log_every=t.log_every, eval_every=t.eval_every, save_every=t.save_every,
-                    export_every=t.export_every, keep=t.keep_checkpoints)
 
 
 # ------------------------------------------------------------------------------------------------ step 3

@@ -23,6 +23,7 @@ from jaxrl.optim import make_optimizer
 from jaxrl.parallel.mesh import make_mesh
 from jaxrl.parallel.sharding import DATA_AXES, model_shardings, zero_layout
 from jaxrl.precision import dtype_of
+from jaxrl.train.loop import Schedule
 from jaxrl.train.step import Trainer
 
 
@@ -191,3 +192,10 @@ def weighted_mean(metrics: list[dict]) -> dict:
     w = np.array([float(m.get("weight", 1.0)) for m in metrics])
     keys = [k for k in metrics[0] if k != "weight"]
     return {k: float(np.sum(w * np.array([float(m[k]) for m in metrics])) / max(w.sum(), 1e-9)) for k in keys}
+
+
+def schedule(cfg: RunConfig) -> Schedule:
+    """When the shared loop logs, evaluates, saves and exports (the `train.*_every` keys)."""
+    t = cfg.train
+    return Schedule(log_every=t.log_every, eval_every=t.eval_every, save_every=t.save_every,
+                    export_every=t.export_every, keep=t.keep_checkpoints)
