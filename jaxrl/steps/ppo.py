@@ -15,7 +15,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxrl.algorithms import ppo
@@ -27,18 +28,87 @@ from jaxrl.errors import JaxrlError
 from jaxrl.generation import SamplerConfig, generate_batch
 from jaxrl.models.hf import save_pretrained
 from jaxrl.models.transformer import Transformer, shard_activations
-from jaxrl.steps.hybrid import HybridEngine, generation_mesh
 from jaxrl.parallel.mesh import settle, to_host
-from jaxrl.parallel.sharding import DATA_AXES
+from jaxrl.parallel.sharding import DATA_AXES, data_parallel_size
 from jaxrl.precision import dtype_of
+from jaxrl.steps import role as role_lib
+from jaxrl.steps.hybrid import HybridEngine, generation_mesh
+from jaxrl.steps.role import Role, lora_only, spec_from
 from jaxrl.train import build, loop
 
 log = logging.getLogger(__name__)
 
 
+def roles(cfg: RunConfig, mesh, tokenizer=None) -> dict[str, Role]:
+    """The four models: actor and reference from the SFT model (model.path), critic and reward from the
+    reward model; actor and critic train on PPO mini-batches, reference and reward score rollouts."""
+    reward_path = cfg.model.reward_path
+    if not reward_path:
+        raise JaxrlError("ppo needs model.reward_path: the HF directory written by `jaxrl reward` (its hf/)")
+    critic_path = cfg.model.critic_path or reward_path
+    p = cfg.ppo
+    plen, length = cfg.data.max_prompt_len, cfg.data.max_prompt_len + cfg.generation.max_new_tokens
+    mb = mini_batch_rows(cfg, mesh)
+    seq = ((mb, length), jnp.int32)  # (B, P + R)
+    resp_i, resp_f = ((mb, length - plen), jnp.int32), ((mb, length - plen), jnp.float32)  # (B, R)
+    actor_batch = {"seq": seq, "attention_mask": seq, "response_mask": resp_i, "old_logprobs": resp_f,
+                   "advantages": resp_f}
+    if p.ptx_coef > 0:  # the pretraining rows beside each mini-batch (see PPO._ptx_batch)
+        actor_batch.update({f"ptx_{k}": seq for k in ("input_ids", "attention_mask", "loss_mask")})
+        actor_batch["ptx_ratio"] = ((mb,), jnp.float32)
+    critic_batch = {"seq": seq, "attention_mask": seq, "response_mask": resp_i, "old_values": resp_f,
+                    "returns": resp_f}
+    rollout = {k: ((p.rollout_batch_size, length), jnp.int32) for k in ("seq", "attention_mask")}
+    actor_loss = functools.partial(ppo.actor_loss, prompt_len=plen, clip_ratio=p.clip_ratio,
+                                   entropy_coef=p.entropy_coef, ptx_coef=p.ptx_coef)
+    critic_loss = functools.partial(ppo.critic_loss, prompt_len=plen, value_clip=p.value_clip, vf_coef=p.vf_coef)
+    frozen = dataclasses.replace(spec_from(cfg), lora_rank=0, remat="none")
+    arch = build.model_arch(cfg.model.path, tokenizer)
+    return {
+        "actor": Role("actor", spec_from(cfg), arch, actor_batch, loss=actor_loss, total_steps=total_updates(cfg),
+                      lora_only=lora_only(cfg)),
+        "critic": Role("critic", dataclasses.replace(spec_from(cfg, critic_path, kind="score"), lora_rank=0),
+                       build.model_arch(critic_path, tokenizer), critic_batch, loss=critic_loss, lr=p.critic_lr,
+                       total_steps=total_updates(cfg)),
+        "reference": Role("reference", frozen, arch, rollout,
+                          forward=lambda m, b: ppo.response_logprobs(m, b["seq"], b["attention_mask"], plen)[0]),
+        "reward": Role("reward", dataclasses.replace(frozen, path=reward_path, kind="score"),
+                       build.model_arch(reward_path, tokenizer), rollout,
+                       forward=lambda m, b: m.sequence_score(b["seq"], b["attention_mask"])),
+    }
+
+
+def mini_batch_rows(cfg: RunConfig, mesh) -> int:
+    """Rows of one PPO mini-batch: the step's rollouts split into ppo.mini_batches, over the data axes."""
+    p = cfg.ppo
+    shards = data_parallel_size(mesh)
+    mb = p.rollout_batch_size * p.generation_batches // p.mini_batches
+    if mb % shards:
+        raise JaxrlError(f"ppo.rollout_batch_size={p.rollout_batch_size} must split, per mini-batch ({mb} rows = "
+                         f"ppo.rollout_batch_size x ppo.generation_batches / ppo.mini_batches), over the {shards} "
+                         "training data-parallel devices")
+    return mb
+
+
+def hybrid_engine(cfg: RunConfig, arch, actor_graphdef, mesh) -> HybridEngine:
+    """The Hybrid Engine for the actor: generation mesh over the training mesh's devices, inference dtype."""
+    g = cfg.generation
+    gen_dtype = dtype_of(g.dtype)
+    hybrid = HybridEngine(
+        actor_graphdef,
+        lambda sh: Transformer(arch, rngs=nnx.Rngs(0), dtype=gen_dtype, shardings=sh),
+        generation_mesh(g.mesh.data, g.mesh.tensor, devices=mesh.devices.flatten()),
+        gen_dtype,
+    )
+    if cfg.ppo.rollout_batch_size % hybrid.mesh.shape["data"]:
+        raise JaxrlError(f"ppo.rollout_batch_size={cfg.ppo.rollout_batch_size} must split over generation.mesh.data "
+                         f"({hybrid.mesh.shape['data']} groups)")
+    return hybrid
+
+
 @dataclasses.dataclass
 class Roles:
-    """The four models: two trained (actor, critic: Trainers) and two frozen (reference, reward)."""
+    """The four models built: two trained (actor, critic: Trainers) and two frozen (reference, reward)."""
 
     actor: object
     critic: object
@@ -47,40 +117,19 @@ class Roles:
     hybrid: HybridEngine
     arch: object
     tokenizer: object
+    declared: dict  # name -> Role, as `roles` declared them
 
 
 def load_roles(cfg: RunConfig, mesh) -> Roles:
-    """Actor and reference from the SFT model (model.path); critic and reward from the reward model."""
-    reward_path = cfg.model.reward_path
-    if not reward_path:
-        raise JaxrlError("ppo needs model.reward_path: the HF directory written by `jaxrl reward` (its hf/)")
-    critic_path = cfg.model.critic_path or reward_path
+    """The roles of `roles(cfg)` built with their weights on `mesh`, and the actor's Hybrid Engine."""
     tok = build.load_tokenizer(cfg.model.path)
-    arch = build.model_arch(cfg.model.path, tok)
-    stage = cfg.zero_stage
-    p = cfg.ppo
-    actor, layout = build.build_model(build.spec_from(cfg), arch, mesh, stage)
-    actor_loss = functools.partial(ppo.actor_loss, prompt_len=cfg.data.max_prompt_len, clip_ratio=p.clip_ratio,
-                                   entropy_coef=p.entropy_coef, ptx_coef=p.ptx_coef)
-    actor_trainer = build.make_trainer(cfg, mesh, actor, layout, actor_loss, total_steps=total_updates(cfg))
-    frozen = dataclasses.replace(build.spec_from(cfg), lora_rank=0, remat="none")
-    critic_spec = dataclasses.replace(build.spec_from(cfg, critic_path, kind="score"), lora_rank=0)
-    critic, critic_layout = build.build_model(critic_spec, build.model_arch(critic_path, tok), mesh, stage)
-    critic_loss = functools.partial(ppo.critic_loss, prompt_len=cfg.data.max_prompt_len, value_clip=p.value_clip,
-                                    vf_coef=p.vf_coef)
-    critic_trainer = build.make_trainer(cfg, mesh, critic, critic_layout, critic_loss, lr=p.critic_lr,
-                                        total_steps=total_updates(cfg), lora=False)
-    ref, _ = build.build_model(frozen, arch, mesh, stage)
-    reward_spec = dataclasses.replace(frozen, path=reward_path, kind="score")
-    reward, _ = build.build_model(reward_spec, build.model_arch(reward_path, tok), mesh, stage)
-    gen_dtype = dtype_of(cfg.generation.dtype)
-    hybrid = HybridEngine(
-        actor_trainer.graphdef,
-        lambda sh: Transformer(arch, rngs=nnx.Rngs(0), dtype=gen_dtype, shardings=sh),
-        generation_mesh(cfg.generation.mesh.data, cfg.generation.mesh.tensor, devices=mesh.devices.flatten()),
-        gen_dtype,
-    )
-    return Roles(actor_trainer, critic_trainer, nnx.split(ref), nnx.split(reward), hybrid, arch, tok)
+    declared = roles(cfg, mesh, tok)
+    actor = role_lib.trainer(declared["actor"], cfg, mesh)
+    critic = role_lib.trainer(declared["critic"], cfg, mesh)
+    ref = role_lib.frozen(declared["reference"], cfg, mesh)
+    reward = role_lib.frozen(declared["reward"], cfg, mesh)
+    arch = declared["actor"].arch
+    return Roles(actor, critic, ref, reward, hybrid_engine(cfg, arch, actor.graphdef, mesh), arch, tok, declared)
 
 
 def total_updates(cfg: RunConfig) -> int:
@@ -88,34 +137,37 @@ def total_updates(cfg: RunConfig) -> int:
     return cfg.train.steps * p.epochs * p.mini_batches
 
 
-def sampler(cfg: RunConfig, roles: Roles, *, temperature=None) -> SamplerConfig:
+def sampler(cfg: RunConfig, arch, tokenizer=None, *, temperature=None) -> SamplerConfig:
+    """The rollout's sampler; without a tokenizer (planning) EOS comes from the architecture, pad is 0."""
     g = cfg.generation
-    eos = roles.arch.eos_ids or (roles.tokenizer.eos_token_id,)
-    pad = roles.tokenizer.pad_token_id if roles.tokenizer.pad_token_id is not None else eos[0]
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    eos = arch.eos_ids or ((tokenizer.eos_token_id,) if tokenizer is not None else (0,))
+    pad = pad_id if pad_id is not None else eos[0]
     return SamplerConfig(max_new_tokens=g.max_new_tokens, temperature=g.temperature if temperature is None
                          else temperature, top_k=g.top_k, top_p=g.top_p, eos_ids=tuple(eos), pad_id=pad)
 
 
+@struct.dataclass
+class Controller:
+    """PPO's controller state, checkpointed with the models (replicated scalars on the training mesh)."""
+
+    kl_coef: jax.Array  # () f32: the KL penalty coefficient (moved by ppo.adaptive_kl)
+    score_stats: jax.Array  # (3,) f32: running (count, mean, M2) of reward scores (ppo.normalize_reward)
+
+
 class PPO:
-    """Rollouts and updates for the shared loop; state = {'actor', 'critic', 'ema'}."""
+    """Rollouts and updates for the shared loop; state = {'actor', 'critic', 'ema', 'controller'}."""
 
     def __init__(self, cfg: RunConfig, mesh, roles: Roles, prompts: dict, eval_prompts: dict | None,
                  ptx: dict | None):
         self.cfg, self.mesh, self.roles = cfg, mesh, roles
         p = cfg.ppo
         self.rows = p.rollout_batch_size
-        shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
-        mb = self.rows * p.generation_batches // p.mini_batches
-        if self.rows % roles.hybrid.mesh.shape["data"] or mb % shards:
-            raise JaxrlError(f"ppo.rollout_batch_size={self.rows} must split over generation.mesh.data and, per "
-                             f"mini-batch ({mb} rows), over the {shards} training data-parallel devices")
-        self.mini_rows = mb
+        self.mini_rows = mb = mini_batch_rows(cfg, mesh)
         self.prompts = build.iterator(prompts, self.rows, cfg.seed)
         self.eval_prompts = eval_prompts
         self.ptx = build.iterator(ptx, mb, cfg.seed + 1) if ptx is not None else None
-        self.kl_coef = p.kl_coef
-        self.score_stats = (0.0, 0.0, 0.0)  # running (count, mean, M2) of reward scores (ppo.normalize_reward)
-        self.sampler = sampler(cfg, roles)
+        self.sampler = sampler(cfg, roles.arch, roles.tokenizer)
         self.train_sharding = roles.actor.batch_sharding
         self._experience = jax.jit(self._experience_fn)
         self._take = jax.jit(lambda batch, idx: jax.tree.map(lambda x: x[idx], batch),
@@ -126,16 +178,18 @@ class PPO:
     def init_state(self) -> dict:
         actor = self.roles.actor.init_state()
         ema = jax.tree.map(jnp.copy, actor.params) if self.cfg.ppo.ema > 0 else {}
-        return {"actor": actor, "critic": self.roles.critic.init_state(), "ema": ema}
+        return {"actor": actor, "critic": self.roles.critic.init_state(), "ema": ema,
+                "controller": self._controller(self.cfg.ppo.kl_coef, (0.0, 0.0, 0.0))}
+
+    def _controller(self, kl_coef: float, score_stats) -> Controller:
+        host = Controller(kl_coef=np.float32(kl_coef), score_stats=np.asarray(score_stats, np.float32))
+        return jax.device_put(host, NamedSharding(self.mesh, P()))
 
     def data_state(self) -> dict:
-        return {"prompts": self.prompts.state(), "kl_coef": self.kl_coef, "score_stats": list(self.score_stats),
-                "ptx": self.ptx.state() if self.ptx else {}}
+        return {"prompts": self.prompts.state(), "ptx": self.ptx.state() if self.ptx else {}}
 
     def restore_data(self, d: dict) -> None:
         self.prompts.restore(d["prompts"])
-        self.kl_coef = float(d["kl_coef"])
-        self.score_stats = tuple(float(x) for x in d.get("score_stats", self.score_stats))
         if self.ptx and d.get("ptx"):
             self.ptx.restore(d["ptx"])
 
@@ -145,15 +199,17 @@ class PPO:
         p = self.cfg.ppo
         times = {"time/generation": 0.0, "time/experience": 0.0}
         rollouts, exp_metrics = [], []
+        controller = jax.device_get(state["controller"])
+        kl_coef, score_stats = float(controller.kl_coef), tuple(float(x) for x in controller.score_stats)
         for g in range(p.generation_batches):
-            rng = jax.random.fold_in(jax.random.key(self.cfg.seed), step * 1000 + g)
             t0 = time.perf_counter()
-            batch = self.rollout(state["actor"], next(self.prompts), rng)
+            key = jax.random.fold_in(jax.random.key(self.cfg.seed), step * 1000 + g)
+            batch = self.rollout(state["actor"], next(self.prompts), key)
             t1 = time.perf_counter()
-            exp, m = self.score(state, batch)
+            exp, m = self.score(state, batch, kl_coef, score_stats)
             m = jax.device_get(m)
             if "score_count" in m:  # the next batch normalises with these
-                self.score_stats = tuple(float(m.pop(k)) for k in ("score_count", "score_mean", "score_m2"))
+                score_stats = tuple(float(m.pop(k)) for k in ("score_count", "score_mean", "score_m2"))
             times["time/generation"] += t1 - t0
             times["time/experience"] += time.perf_counter() - t1
             rollouts.append(exp)
@@ -165,18 +221,19 @@ class PPO:
         times["time/train"] = time.perf_counter() - t2
         metrics = build.weighted_mean(exp_metrics)
         if p.adaptive_kl:
-            self.kl_coef = float(ppo.kl_coef_update(self.kl_coef, metrics["kl"], self.rows * p.generation_batches,
-                                                    target=p.kl_target, horizon=p.kl_horizon))
-        metrics.update(train_metrics, kl_coef=self.kl_coef, **times)
+            kl_coef = float(ppo.kl_coef_update(kl_coef, metrics["kl"], self.rows * p.generation_batches,
+                                               target=p.kl_target, horizon=p.kl_horizon))
+        state["controller"] = self._controller(kl_coef, score_stats)
+        metrics.update(train_metrics, kl_coef=kl_coef, **times)
         return state, metrics
 
-    def rollout(self, actor_state, prompts: dict, rng, *, sampler: SamplerConfig | None = None) -> dict:
+    def rollout(self, actor_state, prompts: dict, key, *, sampler: SamplerConfig | None = None) -> dict:
         """Generates on the generation mesh from a fresh generation copy of the actor, then drops it."""
         hybrid = self.roles.hybrid
         with jax.set_mesh(hybrid.mesh):
             gen = build.to_device(prompts, hybrid.batch_sharding)
             model = hybrid.generation_copy(actor_state.params, actor_state.frozen)
-            out = generate_batch(model, gen["input_ids"], gen["attention_mask"], sampler or self.sampler, rng,
+            out = generate_batch(model, gen["input_ids"], gen["attention_mask"], sampler or self.sampler, key,
                                  batch_sharding=hybrid.batch_sharding)
             del model  # the generation copy's memory goes back to training
         batch = {
@@ -186,12 +243,13 @@ class PPO:
         }
         return settle(jax.device_put(batch, self.train_sharding))  # device to device onto the training mesh
 
-    def score(self, state, batch):
+    def score(self, state, batch, kl_coef: float, score_stats: tuple):
+        """The rollout's experience (log-probs, values, rewards, advantages) and its metrics."""
         a, c = state["actor"], state["critic"]
         with jax.set_mesh(self.mesh):
-            stats = tuple(jnp.float32(x) for x in self.score_stats) if self.cfg.ppo.normalize_reward else None
+            stats = tuple(jnp.float32(x) for x in score_stats) if self.cfg.ppo.normalize_reward else None
             return settle(self._experience(a.params, a.frozen, self.roles.ref[1], c.params, c.frozen,
-                                           self.roles.reward[1], batch, jnp.float32(self.kl_coef), stats))
+                                           self.roles.reward[1], batch, jnp.float32(kl_coef), stats))
 
     def _experience_fn(self, actor_params, actor_frozen, ref_state, critic_params, critic_frozen, reward_state,
                        batch, kl_coef, score_stats):
@@ -210,17 +268,19 @@ class PPO:
     def train(self, state, experience, step):
         p = self.cfg.ppo
         n = jax.tree.leaves(experience)[0].shape[0]
-        rng = np.random.RandomState([self.cfg.seed, step])
+        shuffle = np.random.RandomState([self.cfg.seed, step])
         actor_m, critic_m = [], []
         with jax.set_mesh(self.mesh):
             for _ in range(p.epochs):
-                order = rng.permutation(n)
+                order = shuffle.permutation(n)
                 for i in range(p.mini_batches):
                     idx = jnp.asarray(order[i * self.mini_rows:(i + 1) * self.mini_rows])
                     mb = settle(self._take(experience, idx))
                     actor_mb = dict(mb, **self._ptx_batch(mb)) if self.ptx else mb
+                    actor_mb = role_lib.feed(self.roles.declared["actor"], actor_mb)
+                    critic_mb = role_lib.feed(self.roles.declared["critic"], mb)
                     state["actor"], am = self.roles.actor.step(state["actor"], actor_mb)
-                    state["critic"], cm = self.roles.critic.step(state["critic"], mb)
+                    state["critic"], cm = self.roles.critic.step(state["critic"], critic_mb)
                     if p.ema > 0:
                         state["ema"] = self._ema(state["ema"], state["actor"].params)
                     actor_m.append(am)
@@ -258,8 +318,8 @@ class PPO:
         scores, prompts, responses = [], [], []
         p_len = self.cfg.data.max_prompt_len
         for i, batch in zip(range(-(-self.cfg.ppo.eval_prompts // self.rows)), it):
-            rng = jax.random.fold_in(jax.random.key(self.cfg.seed + 7), i)
-            rolled = self.rollout(state["actor"], batch, rng, sampler=cfg_s)
+            key = jax.random.fold_in(jax.random.key(self.cfg.seed + 7), i)
+            rolled = self.rollout(state["actor"], batch, key, sampler=cfg_s)
             with jax.set_mesh(self.mesh):
                 score = self._score_only(self.roles.reward[1], rolled)
             rolled = {k: to_host(v) for k, v in rolled.items()}  # every process decodes all rows
@@ -273,9 +333,7 @@ class PPO:
 
     @functools.cached_property
     def _score_only(self):
-        graphdef = self.roles.reward[0]
-        return jax.jit(lambda st, b: shard_activations(nnx.merge(graphdef, st), P(DATA_AXES))
-                       .sequence_score(b["seq"], b["attention_mask"]))
+        return role_lib.jit_forward(self.roles.declared["reward"], self.roles.reward[0])
 
     def decode(self, ids, mask) -> list[str]:
         ids, mask = np.asarray(ids), np.asarray(mask)
@@ -303,7 +361,7 @@ def load_prompts(cfg: RunConfig, tokenizer):
     return train_arrays, eval_arrays, ptx
 
 
-def run_ppo(cfg: RunConfig) -> dict:
+def run(cfg: RunConfig) -> dict:
     """`jaxrl ppo`: trains the actor and critic; writes OUTPUT/hf (actor), hf-critic, hf-ema."""
     mesh = build.training_mesh(cfg)
     roles = load_roles(cfg, mesh)
