@@ -24,6 +24,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from jaxrl.errors import JaxrlError
+from jaxrl.files import atomic_write
 from jaxrl.optim import LossScaleConfig, OptimConfig
 
 T = TypeVar("T")
@@ -300,12 +301,9 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
 
 def save_yaml(cfg: Any, path: str | os.PathLike) -> None:
     """Writes `cfg` as YAML that `load_config` reads back equal; atomic (temporary file + rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         f.write("# The resolved config of this run; `--config` this file to run it again.\n")
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False, default_flow_style=False)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------

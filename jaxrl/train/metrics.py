@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from jaxrl.errors import JaxrlError
+from jaxrl.files import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -99,10 +100,8 @@ class MetricsWriter:
             return
         self._close_handles()
         kept = [r for r in _read_records(self.path, missing_ok=True) if r["step"] <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_write(self.path) as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(tmp, self.path)
         self._open(purge_step=step + 1)
 
     def plot(self, names: Iterable[str] | None = None) -> list[str]:
