@@ -23,8 +23,9 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from jaxrl.errors import JaxrlError
-from jaxrl.files import atomic_write
+from jaxrl.errors import ConfigValueError, JaxrlError
+from jaxrl.errors import check_field as _check
+from jaxrl.io import atomic_write, read_yaml
 from jaxrl.optim import LossScaleConfig, OptimConfig
 
 T = TypeVar("T")
@@ -35,19 +36,6 @@ _UNION_TYPES = (typing.Union, types.UnionType)
 # ---------------------------------------------------------------------------------------------------
 
 
-class ConfigValueError(JaxrlError):
-    """A field value out of range. `from_dict` prefixes `field` with its section's dotted path."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field} {message}")
-        self.field = field
-        self.message = message
-
-
-def _check(ok: bool, field: str, message: str) -> None:
-    """Raises ConfigValueError unless `ok`; the message reads as '<field> <message>'."""
-    if not ok:
-        raise ConfigValueError(field, message)
 
 
 def _join(path: str, key: Any) -> str:
@@ -263,15 +251,9 @@ def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
 
 
 def _read_yaml(path: str | os.PathLike) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise JaxrlError(f"config file '{path}' not found") from None
-    except OSError as e:
-        raise JaxrlError(f"cannot read config file '{path}': {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise JaxrlError(f"config file '{path}' is not valid YAML: {e}") from None
+    if not os.path.isfile(path):
+        raise JaxrlError(f"config file '{path}' not found")
+    data = read_yaml(path, what="config file", fix="repair it or give another --config", expect=None)
     if data is None:  # an empty file (or only comments) changes nothing
         return {}
     if not isinstance(data, dict):
@@ -372,6 +354,10 @@ class ModelSection:
     path: str = "tiny"
     # Rematerialization: none, full (recompute each block), dots (save only matmul outputs).
     remat: Literal["none", "full", "dots"] = "none"
+    # Sequence positions the LM head and its log-softmax handle at once in the losses and log-probs
+    # (SFT, PPO, ptx), each chunk rematerialised in the backward pass: the (rows, positions, vocab) fp32
+    # logits never exist for a whole sequence. 0: all positions in one pass.
+    logits_chunk: int = 128
     # Low-rank adapters.
     lora: LoraSection = _sub(LoraSection)
     # PPO critic's starting point (an HF directory); empty: the reward model of the previous step.
@@ -381,6 +367,7 @@ class ModelSection:
 
     def __post_init__(self):
         _check(bool(self.path), "path", "must name an HF directory or a preset such as 'tiny'")
+        _check_positive(self, "logits_chunk", minimum=0)
 
 
 @_section
@@ -539,11 +526,11 @@ class PpoSection:
     epochs: int = 1
     # Generation batches collected per PPO step.
     generation_batches: int = 1
-    # Mini-batches per epoch (one optimizer step each).
+    # Mini-batches per epoch; optim.grad_accum consecutive mini-batches make one optimizer step.
     mini_batches: int = 1
     # Prompts per generation batch (global).
     rollout_batch_size: int = 16
-    # Weight of the per-token KL penalty in the reward.
+    # Weight of the per-token KL penalty in the reward; 0: no penalty, and the reference model is not loaded.
     kl_coef: float = 0.1
     # KL estimator: k1 = log(p/q); k3 = (q/p - 1) - log(q/p), non-negative, lower variance.
     kl_estimator: Literal["k1", "k3"] = "k1"
@@ -579,6 +566,10 @@ class PpoSection:
     vf_coef: float = 1.0
     # Prompts generated for evaluation at each eval.
     eval_prompts: int = 64
+    # Storage dtype of the frozen models (reference, reward): 'compute' stores their weights in
+    # precision.compute (half the bytes in bf16; nothing updates them, so no fp32 master copy); 'fp32'
+    # keeps them in fp32.
+    frozen_dtype: Literal["compute", "fp32"] = "compute"
 
     def __post_init__(self):
         _check_positive(self, "epochs", "generation_batches", "mini_batches", "rollout_batch_size",
@@ -593,6 +584,10 @@ class PpoSection:
         for name in ("gamma", "lam"):
             _check(0 <= getattr(self, name) <= 1, name, f"must be in [0, 1], got {getattr(self, name)}")
         _check(0 <= self.ema < 1, "ema", f"must be in [0, 1), got {self.ema}")
+        # The controller multiplies the coefficient: from 0 it never moves (and no reference is loaded).
+        _check(not (self.adaptive_kl and self.kl_coef == 0), "adaptive_kl",
+               "is on but ppo.kl_coef is 0, which the adaptive controller can never move (it scales the "
+               "coefficient); start from a ppo.kl_coef > 0 or turn adaptive_kl off")
 
 
 @_section
@@ -623,7 +618,7 @@ class PipelineSection:
     reward: tuple[str, ...] = ()
     # Overrides for step 3 (PPO).
     ppo: tuple[str, ...] = ()
-    # Held-out prompts sampled for the task-accuracy figures of summary.json (synthetic task).
+    # Held-out prompts sampled for the task-accuracy and reward-score figures of summary.json (synthetic task).
     eval_prompts: int = 256
 
     def __post_init__(self):

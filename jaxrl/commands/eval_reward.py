@@ -132,7 +132,7 @@ def summarize(chosen: np.ndarray, rejected: np.ndarray) -> dict:
 
 def _write(path: str, text: str) -> None:
     """Writes next to `path` and renames into place, so a failure leaves no half-written file."""
-    from jaxrl.files import atomic_write
+    from jaxrl.io import atomic_write
 
     with atomic_write(path) as f:
         f.write(text)

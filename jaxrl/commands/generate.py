@@ -104,8 +104,10 @@ def _eos_ids(model, tokenizer) -> tuple[int, ...]:
         ids.append(tokenizer.eos_token_id)
     gen_cfg = os.path.join(model.source_path, "generation_config.json")
     if os.path.exists(gen_cfg):
-        with open(gen_cfg) as f:
-            eos = json.load(f).get("eos_token_id")
+        from jaxrl.io import read_json
+
+        eos = read_json(gen_cfg, what="generation config", fix="repair it or delete it (it is optional)"
+                        ).get("eos_token_id")
         ids.extend(eos if isinstance(eos, list) else [] if eos is None else [eos])
     return tuple(dict.fromkeys(int(i) for i in ids))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 
 def add_arguments(parser) -> None:
@@ -23,11 +22,15 @@ def run(args) -> int:
 
 
 def load_run_config(args):
-    """Config file + DeepSpeed file + key=value overrides + --output; starts multi-host; echoes the config."""
+    """Config file + DeepSpeed file + key=value overrides + --output, validated; starts multi-host.
+
+    Writes nothing: the run echoes its config to OUTPUT/config.yaml only once its inputs are loaded and
+    the loop starts (`jaxrl.train.loop.run`), so a rejected argument or config leaves no output behind.
+    """
     import jax
 
-    from jaxrl.config import load_config, save_yaml
-    from jaxrl.parallel.mesh import initialize_distributed
+    from jaxrl.config import load_config
+    from jaxrl.parallel.mesh import initialize_distributed, resolve_axes
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("absl", "orbax", "jax"):  # their INFO lines drown the run's own
@@ -36,14 +39,13 @@ def load_run_config(args):
     cfg = load_config(args.config, overrides)
     d = cfg.distributed
     initialize_distributed(d.coordinator, d.num_processes, d.process_id)  # before anything touches devices
+    m = cfg.mesh  # the training mesh must fit the devices before anything is built or written
+    data, fsdp, _ = resolve_axes({"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}, jax.device_count())
     if getattr(args, "deepspeed", None):
         from jaxrl.deepspeed_config import to_run_config_overrides
-        from jaxrl.parallel.mesh import resolve_axes
 
-        m = cfg.mesh
-        data, fsdp, _ = resolve_axes({"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}, jax.device_count())
         # The DeepSpeed file overrides the YAML file; key=value arguments still win.
         cfg = load_config(args.config, to_run_config_overrides(args.deepspeed, world_size=data * fsdp) + overrides)
-    if jax.process_index() == 0:
-        save_yaml(cfg, os.path.join(cfg.output, "config.yaml"))
+        m = cfg.mesh
+        resolve_axes({"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}, jax.device_count())
     return cfg

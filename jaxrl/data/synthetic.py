@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from jaxrl.errors import JaxrlError
-from jaxrl.files import atomic_write
+from jaxrl.io import atomic_write
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast

@@ -7,8 +7,9 @@ of time for the configured meshes and ZeRO stage, and `Compiled.memory_analysis(
 per-device bytes: arguments, outputs (less those aliased to donated arguments) and temporaries.
 
 A trained role lowers its `Trainer` step, a frozen one its forward; PPO adds the Hybrid Engine's
-generation prefill and decode on the generation mesh. In PPO all four models stay on the devices for the
-whole run, so a role needs its own total plus the other models' resident state ("others").
+generation prefill and decode on the generation mesh (no reference when ppo.kl_coef is 0). In PPO all
+the models stay on the devices for the whole run, so a role needs its own total plus the other models'
+resident state ("others").
 """
 
 from __future__ import annotations
@@ -68,9 +69,8 @@ def plan(cfg: RunConfig, step: str) -> list[RoleMemory]:
     if cfg.ppo.ema > 0:  # the EMA copy of the actor's parameters lives beside them
         actor = dataclasses.replace(actor, resident=actor.resident + per_device(actor_trainer.abstract_state().params))
     critic, _ = train_memory(declared["critic"], cfg, mesh)
-    rows = [actor, critic, forward_memory(declared["reference"], cfg, mesh),
-            forward_memory(declared["reward"], cfg, mesh),
-            *generation_memory(cfg, declared["actor"], actor_trainer, mesh)]
+    frozen = [forward_memory(declared[name], cfg, mesh) for name in ("reference", "reward") if name in declared]
+    rows = [actor, critic, *frozen, *generation_memory(cfg, declared["actor"], actor_trainer, mesh)]
     total = sum(r.resident for r in rows)
     return [dataclasses.replace(r, others=total - r.resident) for r in rows]
 

@@ -15,8 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
-from jax.sharding import NamedSharding
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxrl.algorithms import ppo
@@ -33,7 +32,7 @@ from jaxrl.parallel.sharding import DATA_AXES, data_parallel_size
 from jaxrl.precision import dtype_of
 from jaxrl.steps import role as role_lib
 from jaxrl.steps.hybrid import HybridEngine, generation_mesh
-from jaxrl.steps.role import Role, lora_only, spec_from
+from jaxrl.steps.role import Role, frozen_spec, lora_only, spec_from
 from jaxrl.train import build, loop
 
 log = logging.getLogger(__name__)
@@ -62,20 +61,22 @@ def roles(cfg: RunConfig, mesh, tokenizer=None) -> dict[str, Role]:
     actor_loss = functools.partial(ppo.actor_loss, prompt_len=plen, clip_ratio=p.clip_ratio,
                                    entropy_coef=p.entropy_coef, ptx_coef=p.ptx_coef)
     critic_loss = functools.partial(ppo.critic_loss, prompt_len=plen, value_clip=p.value_clip, vf_coef=p.vf_coef)
-    frozen = dataclasses.replace(spec_from(cfg), lora_rank=0, remat="none")
     arch = build.model_arch(cfg.model.path, tokenizer)
-    return {
+    declared = {
         "actor": Role("actor", spec_from(cfg), arch, actor_batch, loss=actor_loss, total_steps=total_updates(cfg),
                       lora_only=lora_only(cfg)),
         "critic": Role("critic", dataclasses.replace(spec_from(cfg, critic_path, kind="score"), lora_rank=0),
                        build.model_arch(critic_path, tokenizer), critic_batch, loss=critic_loss, lr=p.critic_lr,
                        total_steps=total_updates(cfg)),
-        "reference": Role("reference", frozen, arch, rollout,
+        "reference": Role("reference", frozen_spec(cfg), arch, rollout,
                           forward=lambda m, b: ppo.response_logprobs(m, b["seq"], b["attention_mask"], plen)[0]),
-        "reward": Role("reward", dataclasses.replace(frozen, path=reward_path, kind="score"),
+        "reward": Role("reward", frozen_spec(cfg, reward_path, kind="score"),
                        build.model_arch(reward_path, tokenizer), rollout,
                        forward=lambda m, b: m.sequence_score(b["seq"], b["attention_mask"])),
     }
+    if not needs_reference(cfg):
+        del declared["reference"]
+    return declared
 
 
 def mini_batch_rows(cfg: RunConfig, mesh) -> int:
@@ -108,11 +109,12 @@ def hybrid_engine(cfg: RunConfig, arch, actor_graphdef, mesh) -> HybridEngine:
 
 @dataclasses.dataclass
 class Roles:
-    """The four models built: two trained (actor, critic: Trainers) and two frozen (reference, reward)."""
+    """The models: two trained (actor, critic: Trainers) and two frozen (reference, reward), the frozen
+    ones stored in the compute dtype (`role.frozen_spec`); no reference when ppo.kl_coef is 0."""
 
     actor: object
     critic: object
-    ref: tuple  # (graphdef, state)
+    ref: tuple | None  # (graphdef, state); None when ppo.kl_coef is 0 (see needs_reference)
     reward: tuple
     hybrid: HybridEngine
     arch: object
@@ -122,19 +124,38 @@ class Roles:
 
 def load_roles(cfg: RunConfig, mesh) -> Roles:
     """The roles of `roles(cfg)` built with their weights on `mesh`, and the actor's Hybrid Engine."""
+    total_updates(cfg)  # checks the accumulation fits before anything is built
     tok = build.load_tokenizer(cfg.model.path)
     declared = roles(cfg, mesh, tok)
     actor = role_lib.trainer(declared["actor"], cfg, mesh)
     critic = role_lib.trainer(declared["critic"], cfg, mesh)
-    ref = role_lib.frozen(declared["reference"], cfg, mesh)
+    ref = role_lib.frozen(declared["reference"], cfg, mesh) if "reference" in declared else None
     reward = role_lib.frozen(declared["reward"], cfg, mesh)
     arch = declared["actor"].arch
     return Roles(actor, critic, ref, reward, hybrid_engine(cfg, arch, actor.graphdef, mesh), arch, tok, declared)
 
 
+def needs_reference(cfg: RunConfig) -> bool:
+    """Whether PPO loads the reference model: only its KL penalty reads it, so not when ppo.kl_coef is 0.
+    The adaptive controller cannot move a 0 coefficient (it multiplies it), and the config refuses
+    adaptive_kl with kl_coef 0, so a run that starts without the reference never needs it."""
+    return cfg.ppo.kl_coef != 0
+
+
 def total_updates(cfg: RunConfig) -> int:
+    """Optimizer updates of the actor (and of the critic) over the run, the length of their LR schedule.
+
+    Each PPO step runs `epochs * mini_batches` micro-batch steps and `optim.grad_accum` of them make one
+    optimizer update, so that count must divide evenly: a window never spans two PPO steps (it would mix
+    gradients of two rollouts and leave a partial window at the end of the run).
+    """
     p = cfg.ppo
-    return cfg.train.steps * p.epochs * p.mini_batches
+    micro = p.epochs * p.mini_batches
+    if micro % cfg.optim.grad_accum:
+        raise JaxrlError(f"ppo.epochs x ppo.mini_batches = {micro} mini-batch steps per PPO step must be a multiple "
+                         f"of optim.grad_accum={cfg.optim.grad_accum} (each optimizer update accumulates that many "
+                         "mini-batches): change one of them")
+    return cfg.train.steps * micro // cfg.optim.grad_accum
 
 
 def sampler(cfg: RunConfig, arch, tokenizer=None, *, temperature=None) -> SamplerConfig:
@@ -147,16 +168,8 @@ def sampler(cfg: RunConfig, arch, tokenizer=None, *, temperature=None) -> Sample
                          else temperature, top_k=g.top_k, top_p=g.top_p, eos_ids=tuple(eos), pad_id=pad)
 
 
-@struct.dataclass
-class Controller:
-    """PPO's controller state, checkpointed with the models (replicated scalars on the training mesh)."""
-
-    kl_coef: jax.Array  # () f32: the KL penalty coefficient (moved by ppo.adaptive_kl)
-    score_stats: jax.Array  # (3,) f32: running (count, mean, M2) of reward scores (ppo.normalize_reward)
-
-
 class PPO:
-    """Rollouts and updates for the shared loop; state = {'actor', 'critic', 'ema', 'controller'}."""
+    """Rollouts and updates for the shared loop; state = {'actor', 'critic', 'ema'}."""
 
     def __init__(self, cfg: RunConfig, mesh, roles: Roles, prompts: dict, eval_prompts: dict | None,
                  ptx: dict | None):
@@ -167,6 +180,8 @@ class PPO:
         self.prompts = build.iterator(prompts, self.rows, cfg.seed)
         self.eval_prompts = eval_prompts
         self.ptx = build.iterator(ptx, mb, cfg.seed + 1) if ptx is not None else None
+        self.kl_coef = p.kl_coef
+        self.score_stats = (0.0, 0.0, 0.0)  # running (count, mean, M2) of reward scores (ppo.normalize_reward)
         self.sampler = sampler(cfg, roles.arch, roles.tokenizer)
         self.train_sharding = roles.actor.batch_sharding
         self._experience = jax.jit(self._experience_fn)
@@ -178,18 +193,19 @@ class PPO:
     def init_state(self) -> dict:
         actor = self.roles.actor.init_state()
         ema = jax.tree.map(jnp.copy, actor.params) if self.cfg.ppo.ema > 0 else {}
-        return {"actor": actor, "critic": self.roles.critic.init_state(), "ema": ema,
-                "controller": self._controller(self.cfg.ppo.kl_coef, (0.0, 0.0, 0.0))}
-
-    def _controller(self, kl_coef: float, score_stats) -> Controller:
-        host = Controller(kl_coef=np.float32(kl_coef), score_stats=np.asarray(score_stats, np.float32))
-        return jax.device_put(host, NamedSharding(self.mesh, P()))
+        return {"actor": actor, "critic": self.roles.critic.init_state(), "ema": ema}
 
     def data_state(self) -> dict:
-        return {"prompts": self.prompts.state(), "ptx": self.ptx.state() if self.ptx else {}}
+        return {"prompts": self.prompts.state(), "kl_coef": self.kl_coef, "score_stats": list(self.score_stats),
+                "ptx": self.ptx.state() if self.ptx else {}}
 
     def restore_data(self, d: dict) -> None:
         self.prompts.restore(d["prompts"])
+        self.kl_coef = float(d["kl_coef"])
+        if self.roles.ref is None and self.kl_coef != 0:
+            raise JaxrlError(f"the checkpoint's KL coefficient is {self.kl_coef}, but ppo.kl_coef=0 loaded no "
+                             f"reference model; resume with the ppo.kl_coef the run started with")
+        self.score_stats = tuple(float(x) for x in d.get("score_stats", self.score_stats))
         if self.ptx and d.get("ptx"):
             self.ptx.restore(d["ptx"])
 
@@ -199,17 +215,15 @@ class PPO:
         p = self.cfg.ppo
         times = {"time/generation": 0.0, "time/experience": 0.0}
         rollouts, exp_metrics = [], []
-        controller = jax.device_get(state["controller"])
-        kl_coef, score_stats = float(controller.kl_coef), tuple(float(x) for x in controller.score_stats)
         for g in range(p.generation_batches):
+            rng = jax.random.fold_in(jax.random.key(self.cfg.seed), step * 1000 + g)
             t0 = time.perf_counter()
-            key = jax.random.fold_in(jax.random.key(self.cfg.seed), step * 1000 + g)
-            batch = self.rollout(state["actor"], next(self.prompts), key)
+            batch = self.rollout(state["actor"], next(self.prompts), rng)
             t1 = time.perf_counter()
-            exp, m = self.score(state, batch, kl_coef, score_stats)
+            exp, m = self.score(state, batch)
             m = jax.device_get(m)
             if "score_count" in m:  # the next batch normalises with these
-                score_stats = tuple(float(m.pop(k)) for k in ("score_count", "score_mean", "score_m2"))
+                self.score_stats = tuple(float(m.pop(k)) for k in ("score_count", "score_mean", "score_m2"))
             times["time/generation"] += t1 - t0
             times["time/experience"] += time.perf_counter() - t1
             rollouts.append(exp)
@@ -221,19 +235,18 @@ class PPO:
         times["time/train"] = time.perf_counter() - t2
         metrics = build.weighted_mean(exp_metrics)
         if p.adaptive_kl:
-            kl_coef = float(ppo.kl_coef_update(kl_coef, metrics["kl"], self.rows * p.generation_batches,
-                                               target=p.kl_target, horizon=p.kl_horizon))
-        state["controller"] = self._controller(kl_coef, score_stats)
-        metrics.update(train_metrics, kl_coef=kl_coef, **times)
+            self.kl_coef = float(ppo.kl_coef_update(self.kl_coef, metrics["kl"], self.rows * p.generation_batches,
+                                                    target=p.kl_target, horizon=p.kl_horizon))
+        metrics.update(train_metrics, kl_coef=self.kl_coef, **times)
         return state, metrics
 
-    def rollout(self, actor_state, prompts: dict, key, *, sampler: SamplerConfig | None = None) -> dict:
+    def rollout(self, actor_state, prompts: dict, rng, *, sampler: SamplerConfig | None = None) -> dict:
         """Generates on the generation mesh from a fresh generation copy of the actor, then drops it."""
         hybrid = self.roles.hybrid
         with jax.set_mesh(hybrid.mesh):
             gen = build.to_device(prompts, hybrid.batch_sharding)
             model = hybrid.generation_copy(actor_state.params, actor_state.frozen)
-            out = generate_batch(model, gen["input_ids"], gen["attention_mask"], sampler or self.sampler, key,
+            out = generate_batch(model, gen["input_ids"], gen["attention_mask"], sampler or self.sampler, rng,
                                  batch_sharding=hybrid.batch_sharding)
             del model  # the generation copy's memory goes back to training
         batch = {
@@ -243,13 +256,13 @@ class PPO:
         }
         return settle(jax.device_put(batch, self.train_sharding))  # device to device onto the training mesh
 
-    def score(self, state, batch, kl_coef: float, score_stats: tuple):
-        """The rollout's experience (log-probs, values, rewards, advantages) and its metrics."""
+    def score(self, state, batch):
         a, c = state["actor"], state["critic"]
         with jax.set_mesh(self.mesh):
-            stats = tuple(jnp.float32(x) for x in score_stats) if self.cfg.ppo.normalize_reward else None
-            return settle(self._experience(a.params, a.frozen, self.roles.ref[1], c.params, c.frozen,
-                                           self.roles.reward[1], batch, jnp.float32(kl_coef), stats))
+            stats = tuple(jnp.float32(x) for x in self.score_stats) if self.cfg.ppo.normalize_reward else None
+            ref = None if self.roles.ref is None else self.roles.ref[1]
+            return settle(self._experience(a.params, a.frozen, ref, c.params, c.frozen, self.roles.reward[1], batch,
+                                           jnp.float32(self.kl_coef), stats))
 
     def _experience_fn(self, actor_params, actor_frozen, ref_state, critic_params, critic_frozen, reward_state,
                        batch, kl_coef, score_stats):
@@ -258,7 +271,7 @@ class PPO:
         rows = P(DATA_AXES)
         return ppo.experience(
             shard_activations(nnx.merge(r.actor.graphdef, actor_params, actor_frozen), rows),
-            shard_activations(nnx.merge(r.ref[0], ref_state), rows),
+            None if ref_state is None else shard_activations(nnx.merge(r.ref[0], ref_state), rows),
             shard_activations(nnx.merge(r.critic.graphdef, critic_params, critic_frozen), rows),
             shard_activations(nnx.merge(r.reward[0], reward_state), rows),
             batch, prompt_len=self.cfg.data.max_prompt_len, kl_coef=kl_coef, kl_estimator=p.kl_estimator,
@@ -285,13 +298,18 @@ class PPO:
                         state["ema"] = self._ema(state["ema"], state["actor"].params)
                     actor_m.append(am)
                     critic_m.append(cm)
-        actor_m = build.weighted_mean([jax.device_get(m) for m in actor_m])
-        critic_m = build.weighted_mean([jax.device_get(m) for m in critic_m])
+        actor_m, critic_m = self._per_update(actor_m), self._per_update(critic_m)
         keep = ("policy_loss", "clipfrac", "approx_kl", "entropy", "ptx_loss", "grad_norm")
         out = {k: actor_m[k] for k in keep if k in actor_m}
         out.update(value_loss=critic_m["value_loss"], vf_clipfrac=critic_m["vf_clipfrac"],
                    loss=actor_m["loss"] + critic_m["loss"])
         return state, out
+
+    def _per_update(self, micro: list[dict]) -> dict:
+        """Mini-batch metrics -> one set per optimizer update (`optim.grad_accum` mini-batches each,
+        `build.window_metrics`) -> their weighted mean over the PPO step."""
+        micro, k = jax.device_get(micro), self.cfg.optim.grad_accum
+        return build.weighted_mean([build.window_metrics(micro[i:i + k]) for i in range(0, len(micro), k)])
 
     def _ptx_batch(self, mb: dict) -> dict:
         b = build.to_device(next(self.ptx), self.train_sharding)
@@ -310,20 +328,24 @@ class PPO:
     def evaluate(self, state, *, temperature=None) -> dict:
         """Mean reward-model score of sampled responses to the held-out prompts (and, on the synthetic
         task, the checker's task accuracy)."""
-        if self.eval_prompts is None:
+        if self.eval_prompts is None or self.cfg.ppo.eval_prompts == 0:
             return {}
         cfg_s = dataclasses.replace(self.sampler, temperature=self.sampler.temperature
                                     if temperature is None else temperature)
-        it = build.iterator(self.eval_prompts, self.rows, self.cfg.seed, shuffle=False, num_epochs=1)
+        # The first ppo.eval_prompts held-out prompts, every one of them: the last batch is padded and its
+        # padding rows are generated but left out of the metrics.
+        it = build.eval_iterator(self.eval_prompts, self.rows, self.cfg.ppo.eval_prompts)
         scores, prompts, responses = [], [], []
         p_len = self.cfg.data.max_prompt_len
-        for i, batch in zip(range(-(-self.cfg.ppo.eval_prompts // self.rows)), it):
+        for i, batch in enumerate(it):
             key = jax.random.fold_in(jax.random.key(self.cfg.seed + 7), i)
+            valid = build.to_device({"valid": batch.pop("valid")}, self.train_sharding)["valid"]
             rolled = self.rollout(state["actor"], batch, key, sampler=cfg_s)
             with jax.set_mesh(self.mesh):
                 score = self._score_only(self.roles.reward[1], rolled)
-            rolled = {k: to_host(v) for k, v in rolled.items()}  # every process decodes all rows
-            scores.append(to_host(score))
+            real = to_host(valid) > 0  # every process decodes all rows
+            rolled = {k: to_host(v)[real] for k, v in rolled.items()}
+            scores.append(to_host(score)[real])
             prompts += self.decode(rolled["seq"][:, :p_len], rolled["attention_mask"][:, :p_len])
             responses += self.decode(rolled["seq"][:, p_len:], rolled["response_mask"])
         out = {"score": float(np.mean(np.concatenate(scores)))} if scores else {}
@@ -385,6 +407,6 @@ def run(cfg: RunConfig) -> dict:
     state = trainer.init_state()
     spec = loop.Loop(name="ppo", steps=cfg.train.steps, state=state, update=trainer.update, evaluate=evaluate,
                      export=export, data_state=trainer.data_state, restore_data=trainer.restore_data,
-                     show=("reward/score", "kl"), allow_nonfinite=cfg.precision.compute == "fp16")
+                     show=("reward/score", "kl"), allow_nonfinite=cfg.precision.compute == "fp16", config=cfg)
     loop.run(spec, build.schedule(cfg), cfg.output)
     return result

@@ -21,7 +21,7 @@ from jaxrl.config import RunConfig
 from jaxrl.models import config as model_config
 from jaxrl.models.hf import load_pretrained
 from jaxrl.models.lora import add_lora
-from jaxrl.models.transformer import ScoreModel, Transformer, shard_activations
+from jaxrl.models.transformer import ScoreModel, Transformer, shard_activations, store_params
 from jaxrl.optim import make_optimizer
 from jaxrl.parallel.sharding import DATA_AXES, Layout, spec_tree, zero_layout
 from jaxrl.precision import dtype_of
@@ -36,8 +36,10 @@ class ModelSpec:
 
     path: str  # HF directory or preset name
     kind: str = "causal_lm"  # or 'score'
-    dtype: str = "fp32"  # compute dtype; trained parameters stay fp32
+    dtype: str = "fp32"  # compute dtype
+    param_dtype: str = "fp32"  # storage dtype: fp32 for a model that trains (master copy)
     remat: str = "none"
+    logits_chunk: int = 0  # causal LM: positions per LM-head chunk in the losses
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q", "v")
@@ -48,7 +50,16 @@ def spec_from(cfg: RunConfig, path: str | None = None, kind: str = "causal_lm") 
     """The run's model settings (precision, remat, LoRA, seed) for the model at `path` (default model.path)."""
     lora = cfg.model.lora
     return ModelSpec(path=path or cfg.model.path, kind=kind, dtype=cfg.precision.compute, remat=cfg.model.remat,
-                     lora_rank=lora.rank, lora_alpha=lora.alpha, lora_targets=tuple(lora.targets), seed=cfg.seed)
+                     logits_chunk=cfg.model.logits_chunk, lora_rank=lora.rank, lora_alpha=lora.alpha,
+                     lora_targets=tuple(lora.targets), seed=cfg.seed)
+
+
+def frozen_spec(cfg: RunConfig, path: str | None = None, kind: str = "causal_lm") -> ModelSpec:
+    """A model that only runs forward (PPO's reference and reward model): no LoRA, no remat, and its
+    weights stored in the compute dtype (no fp32 master copy: nothing updates them) unless
+    `ppo.frozen_dtype` is fp32."""
+    stored = cfg.precision.compute if cfg.ppo.frozen_dtype == "compute" else "fp32"
+    return dataclasses.replace(spec_from(cfg, path, kind), lora_rank=0, remat="none", param_dtype=stored)
 
 
 def lora_only(cfg: RunConfig) -> bool:
@@ -95,23 +106,30 @@ def born(spec: ModelSpec, arch: model_config.ModelConfig, mesh, stage: int, *, a
     The stage is read once, into the `Layout`; the model is built with `layout.shardings`. `abstract`:
     an `nnx.eval_shape`'d model (shapes, dtypes and shardings only; no weights read or allocated).
     """
-    cls = ScoreModel if spec.kind == "score" else Transformer
-    dtype = dtype_of(spec.dtype)
+    dtype, param_dtype = dtype_of(spec.dtype), dtype_of(spec.param_dtype)
 
     def fresh(sh):
-        model = cls(arch, rngs=nnx.Rngs(spec.seed), dtype=dtype, shardings=sh, remat=spec.remat)
-        return _lora(model, spec)
+        return _lora(new_model(spec, arch, sh), spec)
 
     layout = zero_layout(fresh, mesh, stage)
     with jax.set_mesh(mesh):
         if abstract:
-            model = nnx.eval_shape(lambda: fresh(layout.shardings))
+            model = store_params(nnx.eval_shape(lambda: fresh(layout.shardings)), param_dtype)
         elif spec.path in model_config.PRESETS:
-            model = fresh(layout.shardings)
+            model = store_params(fresh(layout.shardings), param_dtype)
         else:
             model = _lora(load_pretrained(spec.path, dtype=dtype, kind=spec.kind, shardings=layout.shardings,
-                                          remat=spec.remat, seed=spec.seed), spec)
+                                          remat=spec.remat, seed=spec.seed, param_dtype=param_dtype,
+                                          logits_chunk=spec.logits_chunk), spec)
     return model, layout
+
+
+def new_model(spec: ModelSpec, arch: model_config.ModelConfig, shardings):
+    """A freshly initialised `Transformer` or `ScoreModel` as `spec` says (parameters in fp32, no LoRA)."""
+    kw = dict(rngs=nnx.Rngs(spec.seed), dtype=dtype_of(spec.dtype), shardings=shardings, remat=spec.remat)
+    if spec.kind == "score":
+        return ScoreModel(arch, **kw)
+    return Transformer(arch, logits_chunk=spec.logits_chunk, **kw)
 
 
 def _lora(model, spec: ModelSpec):

@@ -23,19 +23,16 @@ def run(cfg: RunConfig, name: str, role: Role, mesh, train_arrays: dict, eval_ar
     final = {}
 
     def update(state, step):
+        micro = []
         with jax.set_mesh(mesh):
             for _ in range(cfg.optim.grad_accum):
                 batch = roles_lib.feed(role, build.to_device(next(batches), trainer.batch_sharding))
                 state, metrics = trainer.step(state, batch)
-        return state, metrics
+                micro.append(metrics)
+        return state, build.window_metrics(jax.device_get(micro))
 
     def evaluate(state):
-        it = build.iterator(eval_arrays, rows, cfg.seed, shuffle=False, num_epochs=1)
-        out = []
-        with jax.set_mesh(mesh):
-            for _, batch in zip(range(cfg.train.eval_batches), it):
-                out.append(jax.device_get(trainer.evaluate(state, build.to_device(batch, trainer.batch_sharding))))
-        metrics = build.weighted_mean(out)
+        metrics = evaluate_rows(trainer, state, eval_arrays, rows, limit=cfg.train.eval_batches * rows)
         if name == "sft":
             metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
         final.clear()
@@ -48,9 +45,20 @@ def run(cfg: RunConfig, name: str, role: Role, mesh, train_arrays: dict, eval_ar
 
     spec = loop.Loop(
         name=name, steps=cfg.train.steps, state=trainer.init_state(), update=update,
-        evaluate=evaluate if eval_arrays is not None and len(next(iter(eval_arrays.values()))) >= rows else None,
+        evaluate=evaluate if eval_arrays is not None else None,
         export=export, data_state=batches.state, restore_data=batches.restore,
-        show=("loss", "accuracy"), allow_nonfinite=cfg.precision.compute == "fp16",
+        show=("loss", "accuracy"), allow_nonfinite=cfg.precision.compute == "fp16", config=cfg,
     )
     loop.run(spec, build.schedule(cfg), cfg.output)
     return final
+
+
+def evaluate_rows(trainer, state, arrays: dict, rows: int, *, limit: int | None = None) -> dict:
+    """The loss function's metrics over the first `limit` rows of `arrays` (all by default), in batches
+    of `rows` (the last one padded, its padding rows weighted 0): the metrics of one batch of exactly
+    those rows."""
+    out = []
+    with jax.set_mesh(trainer.mesh):
+        for batch in build.eval_iterator(arrays, rows, limit):
+            out.append(jax.device_get(trainer.evaluate(state, build.to_device(batch, trainer.batch_sharding))))
+    return build.weighted_mean(out)

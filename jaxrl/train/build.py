@@ -14,7 +14,7 @@ from jaxrl.data.iterator import BatchIterator
 from jaxrl.data.tokenize import Encoder
 from jaxrl.errors import JaxrlError
 from jaxrl.models import config as model_config
-from jaxrl.models.hf import read_config
+from jaxrl.models.hf import check_tokenizer_files, read_config
 from jaxrl.parallel.mesh import make_mesh
 from jaxrl.parallel.sharding import data_parallel_size
 from jaxrl.train.loop import Schedule
@@ -38,6 +38,7 @@ def load_tokenizer(model_path: str, *, what: str = "model.path"):
     try:
         return AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as e:
+        check_tokenizer_files(model_path)
         raise JaxrlError(f"{model_path} has no usable tokenizer files ({e}); save the tokenizer there") from e
 
 
@@ -117,6 +118,16 @@ def iterator(arrays: dict, rows: int, seed: int, *, shuffle=True, num_epochs=Non
                          process_index=jax.process_index(), process_count=jax.process_count())
 
 
+def eval_iterator(arrays: dict, rows: int, limit: int | None = None) -> BatchIterator:
+    """One in-order pass over the first `limit` rows (all by default) in batches of `rows`, the last one
+    padded and every batch carrying the `valid` row mask (`BatchIterator.pad_last`): every held-out row
+    is evaluated once, whatever their number."""
+    if limit is not None:
+        arrays = {k: v[:limit] for k, v in arrays.items()}
+    return BatchIterator(arrays, rows, shuffle=False, num_epochs=1, pad_last=True,
+                         process_index=jax.process_index(), process_count=jax.process_count())
+
+
 def to_device(batch: dict, sharding) -> dict:
     """This process's rows -> global arrays sharded over the data axes (no host gather)."""
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
@@ -136,3 +147,24 @@ def schedule(cfg: RunConfig) -> Schedule:
     t = cfg.train
     return Schedule(log_every=t.log_every, eval_every=t.eval_every, save_every=t.save_every,
                     export_every=t.export_every, keep=t.keep_checkpoints)
+
+
+# Metrics of the optimizer, not of the loss: after a window of micro-batches they describe its one update.
+OPTIMIZER_METRICS = ("grad_norm", "loss_scale", "skipped_steps")
+
+
+def window_metrics(micro: list[dict]) -> dict:
+    """One optimizer step's metrics from those of its `optim.grad_accum` micro-batches (host values).
+
+    The loss function's metrics are their weighted mean, sum_i w_i m_i / sum_i w_i (all micro-batches of
+    a window see the same parameters, so this is what one step on the window's rows together reports);
+    the optimizer's (`OPTIMIZER_METRICS`: the norm of the applied window gradient, the loss scale, the
+    skipped-step count) are the last micro-batch's; `weight` is sum_i w_i.
+    """
+    if len(micro) == 1:
+        return micro[0]
+    out = weighted_mean(micro)
+    out.update({k: micro[-1][k] for k in OPTIMIZER_METRICS if k in micro[-1]})
+    if "weight" in micro[-1]:
+        out["weight"] = float(sum(float(m["weight"]) for m in micro))
+    return out

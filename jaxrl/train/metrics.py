@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from jaxrl.errors import JaxrlError
-from jaxrl.files import atomic_write
+from jaxrl.io import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 
