@@ -23,8 +23,9 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from jaxrl.errors import JaxrlError
-from jaxrl.io import read_yaml
+from jaxrl.errors import ConfigValueError, JaxrlError
+from jaxrl.errors import check_field as _check
+from jaxrl.io import atomic_write, read_yaml
 from jaxrl.optim import LossScaleConfig, OptimConfig
 
 T = TypeVar("T")
@@ -35,19 +36,6 @@ _UNION_TYPES = (typing.Union, types.UnionType)
 # ---------------------------------------------------------------------------------------------------
 
 
-class ConfigValueError(JaxrlError):
-    """A field value out of range. `from_dict` prefixes `field` with its section's dotted path."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field} {message}")
-        self.field = field
-        self.message = message
-
-
-def _check(ok: bool, field: str, message: str) -> None:
-    """Raises ConfigValueError unless `ok`; the message reads as '<field> <message>'."""
-    if not ok:
-        raise ConfigValueError(field, message)
 
 
 def _join(path: str, key: Any) -> str:
@@ -295,12 +283,9 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
 
 def save_yaml(cfg: Any, path: str | os.PathLike) -> None:
     """Writes `cfg` as YAML that `load_config` reads back equal; atomic (temporary file + rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         f.write("# The resolved config of this run; `--config` this file to run it again.\n")
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False, default_flow_style=False)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------

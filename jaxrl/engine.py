@@ -49,7 +49,7 @@ from jaxrl import deepspeed_config
 from jaxrl.deepspeed_config import DeepSpeedConfig
 from jaxrl.errors import JaxrlError
 from jaxrl.parallel.mesh import make_mesh
-from jaxrl.parallel.sharding import DATA_AXES, generic_zero_layout
+from jaxrl.parallel.sharding import DATA_AXES, data_parallel_size, generic_zero_layout
 from jaxrl.precision import dtype_of, skipped_steps_of
 from jaxrl.train.checkpoint import Checkpointer
 from jaxrl.train.step import Trainer, TrainState
@@ -272,6 +272,6 @@ def initialize(model: nnx.Module, optimizer: optax.GradientTransformation | None
         if axis not in mesh.shape:
             raise JaxrlError(f"the engine's mesh needs the axes data, fsdp and tensor (jaxrl.parallel.mesh.make_mesh); "
                              f"got {tuple(mesh.shape)}")
-    ds = deepspeed_config.parse(raw, mesh.shape["data"] * mesh.shape["fsdp"])
+    ds = deepspeed_config.parse(raw, data_parallel_size(mesh))
     tx = deepspeed_config.make_optimizer(ds, optimizer)
     return Engine(model, tx, ds, mesh)

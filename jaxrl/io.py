@@ -1,5 +1,6 @@
 """Reading the small JSON and YAML files a user hands over (configs, indexes, tokenizer files), with
-errors that name the file, say what is wrong with it, and say how to fix it.
+errors that name the file, say what is wrong with it, and say how to fix it; writing files whole or
+not at all (`atomic_write`).
 
 A file cut short (an interrupted download, copy or write) is the usual cause of a parse error in a file
 that some program wrote, so when the parser stops at the very end of the text the message says so.
@@ -7,6 +8,7 @@ that some program wrote, so when the parser stops at the very end of the text th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable
@@ -92,3 +94,19 @@ def _check_type(data, path, what, fix, expect) -> None:
     if expect is not None and not isinstance(data, expect):
         name = {dict: "an object (mapping)", list: "a list"}.get(expect, expect.__name__)
         raise JaxrlError(f"{path}: the {what} must hold {name}, got {type(data).__name__}; {fix}")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w"):
+    """Opens a temporary file beside `path` and renames it into place when the block succeeds, so a crash
+    or an error leaves the old file (or none), never half a new one. Creates the directory."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -3,6 +3,7 @@
 import io
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from flax import nnx
@@ -13,6 +14,8 @@ from jaxrl.data.synthetic import build_tokenizer
 from jaxrl.models.config import preset
 from jaxrl.models.hf import save_pretrained
 from jaxrl.models.transformer import Transformer
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # not the working directory
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +75,7 @@ def test_chat_fallback_format_system_and_eof(model_dir, tmp_path, monkeypatch, c
 
 
 def plan_json(argv, monkeypatch, capsys):
-    rc, out, err = run_cli(["plan", "--config", "configs/tiny.yaml", "--devices", "8", "--json", *argv],
+    rc, out, err = run_cli(["plan", "--config", str(CONFIGS / "tiny.yaml"), "--devices", "8", "--json", *argv],
                            monkeypatch, capsys)
     return rc, json.loads(out), err
 
@@ -114,7 +117,7 @@ def test_bad_device_memory_is_a_clear_error(monkeypatch, capsys):
 
 @pytest.mark.parametrize("name", ["opt-1.3b", "llama3_8b_tpu"])
 def test_new_configs_load(name):
-    cfg = load_config(f"configs/{name}.yaml")
+    cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg.precision.compute == "bf16" and cfg.model.reward_path
     assert cfg.data.max_prompt_len + cfg.generation.max_new_tokens <= cfg.data.max_len
     if name == "llama3_8b_tpu":

@@ -374,13 +374,13 @@ def test_initialize_reads_fp16_with_deepspeed_defaults(fp16, expected):
 
 @pytest.mark.parametrize("fp16,expected", FP16_BEHAVIOUR)
 def test_deepspeed_flag_reads_fp16_with_deepspeed_defaults(fp16, expected):
-    from jaxrl.train import build
+    from jaxrl.steps.role import make_trainer
 
     cfg = apply_overrides(RunConfig(), dsc.to_run_config_overrides({"train_batch_size": 8, "fp16": fp16}, 1))
     assert cfg.precision.compute == "fp16"
     model = nnx.Linear(1, 1, rngs=nnx.Rngs(0))
     mesh = make_mesh()
-    trainer = build.make_trainer(cfg, mesh, model, generic_zero_layout(nnx.state(model), mesh, 0), mse, lora=False)
+    trainer = make_trainer(cfg, mesh, model, generic_zero_layout(nnx.state(model), mesh, 0), mse)
     assert _scaler_behaviour(trainer.optimizer) == expected
 
 

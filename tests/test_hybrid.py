@@ -17,9 +17,9 @@ from jaxrl.models.config import preset
 from jaxrl.models.lora import add_lora
 from jaxrl.models.transformer import Transformer
 from jaxrl.optim import OptimConfig, make_optimizer
-from jaxrl.parallel.hybrid import HybridEngine, generation_mesh
 from jaxrl.parallel.mesh import make_mesh
 from jaxrl.parallel.sharding import model_shardings, zero_layout
+from jaxrl.steps.hybrid import HybridEngine, generation_mesh
 from jaxrl.train.step import Trainer
 
 CFG = preset("tiny")

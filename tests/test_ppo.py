@@ -12,13 +12,13 @@ import pytest
 from flax import nnx
 
 from jaxrl import cli, generation
-from jaxrl.algorithms import ppo_trainer
 from jaxrl.config import load_config
 from jaxrl.data import synthetic
 from jaxrl.errors import JaxrlError
 from jaxrl.models.hf import load_pretrained, save_pretrained
 from jaxrl.models.transformer import ScoreModel, Transformer
 from jaxrl.parallel.mesh import make_mesh
+from jaxrl.steps import ppo as ppo_trainer
 from jaxrl.train import build
 
 STEPS = 2

@@ -351,7 +351,8 @@ def test_eval_uses_every_held_out_row_at_any_size(command, n, rows):
 
     from jaxrl.algorithms.reward import reward_loss
     from jaxrl.algorithms.sft import sft_loss
-    from jaxrl.commands.train import evaluate_rows
+    from jaxrl.steps import role as role_lib
+    from jaxrl.steps.supervised import evaluate_rows
     from jaxrl.config import load_config
     from jaxrl.parallel.mesh import make_mesh
     from jaxrl.train import build
@@ -369,8 +370,8 @@ def test_eval_uses_every_held_out_row_at_any_size(command, n, rows):
         loss = functools.partial(reward_loss, required_margin=0.0)
     assert len(next(iter(arrays.values()))) == n
     mesh = make_mesh(8, 1, 1)
-    model, layout = build.build_model(build.spec_from(cfg, kind=kind), build.model_arch("tiny", tok), mesh, 0)
-    trainer = build.make_trainer(cfg, mesh, model, layout, loss)
+    model, layout = role_lib.born(role_lib.spec_from(cfg, kind=kind), build.model_arch("tiny", tok), mesh, 0)
+    trainer = role_lib.make_trainer(cfg, mesh, model, layout, loss)
     state = trainer.init_state()
     got = evaluate_rows(trainer, state, arrays, rows)
     _, want = jax.jit(loss)(trainer.model(jax.device_get(state)), arrays)  # one batch of the n rows, one device

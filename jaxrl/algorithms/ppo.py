@@ -17,6 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxrl.algorithms.sft import head_stats, sft_loss, token_entropy
+
 # ---------------------------------------------------------------------------------------------------
 # Masked statistics
 
@@ -241,8 +243,6 @@ def entropy_from_logits(logits, mask):
     Returns:
       scalar fp32.
     """
-    from jaxrl.algorithms.sft import token_entropy
-
     return masked_mean(token_entropy(logits), mask)
 
 
@@ -291,8 +291,6 @@ def response_logprobs(model, seq, attention_mask, prompt_len: int, *, entropy: b
     Only the R response positions go through the LM head, a chunk of them at a time
     (`sft.head_stats`): no (B, P + R, V) logits exist.
     """
-    from jaxrl.algorithms.sft import head_stats
-
     hidden = model.features(seq, attention_mask)  # (B, P + R, E)
     stats = head_stats(model, hidden[:, prompt_len - 1:-1], seq[:, prompt_len:], entropy=entropy)
     return stats["logp"], stats.get("entropy")
@@ -370,8 +368,6 @@ def actor_loss(model, batch, *, prompt_len: int, clip_ratio: float, entropy_coef
 
         loss = policy_loss - entropy_coef * entropy + ptx_coef * ptx_loss
     """
-    from jaxrl.algorithms.sft import sft_loss
-
     mask = batch["response_mask"]
     logprobs, entropies = response_logprobs(model, batch["seq"], batch["attention_mask"], prompt_len, entropy=True)
     loss, metrics = policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask, clip_ratio=clip_ratio)

@@ -34,12 +34,13 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import os
 
-    from jaxrl.commands.generate import _eos_ids, _tokenizer
+    from jaxrl.commands.generate import _eos_ids
+    from jaxrl.train.build import load_tokenizer
     from jaxrl.models.hf import load_pretrained
 
     if not os.path.isdir(args.model):
         raise JaxrlError(f"model directory {args.model} does not exist (give an HF directory)")
-    tokenizer = _tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model, what="--model")
     model = load_pretrained(args.model)
     max_new = args.max_new_tokens or min(128, model.config.max_position_embeddings // 2)
     session = Chat(model, tokenizer, system=args.system, max_new_tokens=max_new,

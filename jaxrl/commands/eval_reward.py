@@ -39,8 +39,9 @@ def run(args) -> int:
 
     from jaxrl.data.dataset import load_records
     from jaxrl.data.tokenize import Encoder, tokenize_pairs
+    from jaxrl.train.build import load_tokenizer
 
-    tokenizer = _tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model, what="--model")
     records = load_records(args.data, need="reward", fmt=args.format, tokenizer=tokenizer).records
     pairs = tokenize_pairs(records, Encoder.from_tokenizer(tokenizer), max_len=args.max_len)
     a = pairs.arrays
@@ -69,17 +70,6 @@ def _check_model_dir(path: str) -> None:
         raise JaxrlError(f"{path} has no score head (tensor score.weight): it is not a reward model; give the "
                          "output of `jaxrl reward`")
 
-
-def _tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    from jaxrl.models.hf import check_tokenizer_files
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        check_tokenizer_files(path)
-        raise JaxrlError(f"could not load a tokenizer from {path}: {e}") from None
 
 
 def score_pairs(model_dir: str, chosen_ids, chosen_mask, rejected_ids, rejected_mask, *, batch_size: int):
@@ -142,9 +132,7 @@ def summarize(chosen: np.ndarray, rejected: np.ndarray) -> dict:
 
 def _write(path: str, text: str) -> None:
     """Writes next to `path` and renames into place, so a failure leaves no half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    from jaxrl.io import atomic_write
+
+    with atomic_write(path) as f:
         f.write(text)
-    os.replace(tmp, path)

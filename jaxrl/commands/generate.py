@@ -31,7 +31,9 @@ def run(args) -> int:
     if not os.path.isdir(args.model):
         raise JaxrlError(f"model directory {args.model} does not exist (give an HF directory)")
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts_file)
-    tokenizer = _tokenizer(args.model)
+    from jaxrl.train.build import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model, what="--model")
     if args.chat and not getattr(tokenizer, "chat_template", None):
         raise JaxrlError(f"--chat: the tokenizer in {args.model} has no chat_template; drop --chat")
 
@@ -85,17 +87,6 @@ def read_prompts(path: str) -> list[str]:
         prompts.append(row["prompt"])
     return prompts
 
-
-def _tokenizer(model_dir: str):
-    from transformers import AutoTokenizer
-
-    from jaxrl.models.hf import check_tokenizer_files
-
-    try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        check_tokenizer_files(model_dir)
-        raise JaxrlError(f"could not load a tokenizer from {model_dir}: {e}") from None
 
 
 def encode(tokenizer, prompt: str, *, chat: bool) -> list[int]:

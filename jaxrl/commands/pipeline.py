@@ -61,8 +61,8 @@ def run_pipeline(cfg, steps=(1, 2, 3)) -> dict:
     """Runs the chosen steps; a later step reads the earlier steps' exports, which must exist."""
     import jax
 
-    from jaxrl.commands.train import run_reward, run_sft
     from jaxrl.config import apply_overrides, save_yaml
+    from jaxrl.steps import ppo, reward, sft
 
     out = cfg.output
     dirs = {i: os.path.join(out, d) for i, d in STEP_DIRS.items()}
@@ -80,24 +80,23 @@ def run_pipeline(cfg, steps=(1, 2, 3)) -> dict:
 
     if 1 in steps:
         c1 = apply_overrides(cfg, shared + list(p.sft) + [f"output={dirs[1]}"])
-        result = _step(dirs[1], lambda: run_sft(c1))
+        result = _step(dirs[1], lambda: sft.run(c1))
         summary["sft"] = {"eval_loss": result.get("loss"), **_task_accuracy(c1, sft_hf, "task_accuracy")}
         _write(out, summary)
     if 2 in steps:
         _require(sft_hf, "step 1 (SFT)")
         c2 = apply_overrides(cfg, shared + [f"model.path={sft_hf}"] + list(p.reward) + [f"output={dirs[2]}"])
-        result = _step(dirs[2], lambda: run_reward(c2))
+        result = _step(dirs[2], lambda: reward.run(c2))
         summary["reward"] = {"pairwise_accuracy": result.get("accuracy"), "margin": result.get("margin")}
         _write(out, summary)
     if 3 in steps:
-        from jaxrl.algorithms.ppo_trainer import run_ppo
         from jaxrl.train.metrics import read_metrics
 
         _require(sft_hf, "step 1 (SFT)")
         _require(reward_hf, "step 2 (reward model)")
         c3 = apply_overrides(cfg, shared + [f"model.path={sft_hf}", f"model.reward_path={reward_hf}"]
                              + list(p.ppo) + [f"output={dirs[3]}"])
-        _step(dirs[3], lambda: run_ppo(c3))
+        _step(dirs[3], lambda: ppo.run(c3))
         logged = [m for m in read_metrics(dirs[3]) if "kl" in m]
         tail = logged[-max(1, len(logged) // 5):]  # the last fifth of the run: where PPO ended up
         summary["ppo"] = {
@@ -126,17 +125,15 @@ def _task_accuracy(cfg, model_dir: str, key: str, reward_dir: str | None = None,
     if cfg.data.paths != ("synthetic",):
         return {}
     import jax
-    from transformers import AutoTokenizer
-
     from jaxrl.data import synthetic
     from jaxrl.generation import generate
     from jaxrl.models.hf import load_pretrained
-    from jaxrl.train.build import dataset_paths
+    from jaxrl.train.build import dataset_paths, load_tokenizer
 
     (path,), _ = dataset_paths(cfg, "eval")
     with open(path) as f:
         prompts = [json.loads(line)["prompt"] for line in f][: cfg.pipeline.eval_prompts]
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     with jax.default_device(jax.local_devices()[0]):  # each process on its own device, no collectives
         model = load_pretrained(model_dir)
@@ -192,8 +189,7 @@ def _write_json(path: str, data: dict) -> None:
 
     if jax.process_index() != 0:
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    from jaxrl.io import atomic_write
+
+    with atomic_write(path) as f:
         f.write(strict_json(data, indent=2))
-    os.replace(tmp, path)

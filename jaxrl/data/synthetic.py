@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from jaxrl.errors import JaxrlError
+from jaxrl.io import atomic_write
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -257,9 +258,7 @@ def _plausible_mistake(a: int, b: int, rng: np.random.Generator, mistakes: dict[
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     """Writes rows one JSON object a line, through a temporary file so nothing is left half-written."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
     return path

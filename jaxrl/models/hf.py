@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding
 from jaxrl.errors import JaxrlError
 from jaxrl.io import check_json_files, read_json
 from jaxrl.models.config import ModelConfig
+from jaxrl.models.lora import has_lora, merge_lora
 from jaxrl.models.safetensors_io import REFETCH, TensorStore
 from jaxrl.models.transformer import ScoreModel, Transformer, store_params
 from jaxrl.parallel.mesh import to_host
@@ -380,8 +381,6 @@ def save_pretrained(model, path: str, *, tokenizer=None, dtype=np.float32) -> No
     model. Only process 0 writes; every process must call it (parameters are gathered collectively), and
     every process returns only once the directory is in place.
     """
-    from jaxrl.models.lora import has_lora, merge_lora
-
     if has_lora(model):  # export the merged weights; the model itself keeps its LoRA branches
         model = merge_lora(nnx.clone(model))
     score = isinstance(model, ScoreModel)

@@ -21,6 +21,11 @@ DATA_AXES = ("data", "fsdp")  # the axes a batch (and ZeRO's partitioning) is sp
 TENSOR = "tensor"
 
 
+def data_parallel_size(mesh) -> int:
+    """The number of data-parallel groups: a batch's rows, and ZeRO's partitions, split this many ways."""
+    return math.prod(mesh.shape[a] for a in DATA_AXES)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelShardings:
     """PartitionSpecs for the model's parameters, named by shape suffix.
@@ -114,12 +119,15 @@ class Layout:
 
     param: where parameters live; grad: where reduced gradients live (ZeRO-2/3: partitioned, so they
     are reduce-scattered); opt: where optimizer moments and the MultiSteps accumulator live (ZeRO-1+).
+    shardings: the `ModelShardings` a model is built with to be born in `param`'s layout (None for a
+    layout derived from shapes alone, `generic_zero_layout`).
     """
 
     stage: int
     param: dict
     grad: dict
     opt: dict
+    shardings: ModelShardings | None = None
 
 
 def zero_layout(build, mesh, stage: int) -> Layout:
@@ -132,14 +140,16 @@ def zero_layout(build, mesh, stage: int) -> Layout:
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {stage}")
     tensor = mesh.shape.get(TENSOR, 1) > 1
+    fsdp, plain = model_shardings(shard_params=True, tensor=tensor), model_shardings(shard_params=False, tensor=tensor)
     with jax.set_mesh(mesh):
-        sharded = spec_tree(nnx.state(nnx.eval_shape(lambda: build(model_shardings(shard_params=True, tensor=tensor)))))
-        replicated = spec_tree(nnx.state(nnx.eval_shape(lambda: build(model_shardings(shard_params=False, tensor=tensor)))))
+        sharded = spec_tree(nnx.state(nnx.eval_shape(lambda: build(fsdp))))
+        replicated = spec_tree(nnx.state(nnx.eval_shape(lambda: build(plain))))
     return Layout(
         stage=stage,
         param=sharded if stage >= 3 else replicated,
         grad=sharded if stage >= 2 else replicated,
         opt=sharded if stage >= 1 else replicated,
+        shardings=fsdp if stage >= 3 else plain,
     )
 
 
@@ -163,7 +173,7 @@ def generic_zero_layout(abstract_state, mesh, stage: int) -> Layout:
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {stage}")
     tree = nnx.to_pure_dict(abstract_state) if isinstance(abstract_state, nnx.State) else abstract_state
-    n = math.prod(mesh.shape[a] for a in DATA_AXES)
+    n = data_parallel_size(mesh)
 
     def partitioned(x) -> P:
         shape, dtype = tuple(getattr(x, "shape", ())), getattr(x, "dtype", None)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from jaxrl.errors import check_field as _check
+
 # Short names of the built-in reward functions -> their specs.
 BUILTINS = {
     "math_answer": "jaxrl.rewards.builtin:math_answer",
@@ -34,9 +36,6 @@ class RewardFunctionsConfig:
     workers: int = 0
 
     def __post_init__(self):
-        # Imported here: jaxrl.config pulls in JAX, and the reward workers import this module.
-        from jaxrl.config import _check
-
         for i, spec in enumerate(self.functions):
             module, sep, name = BUILTINS.get(spec, spec).partition(":")
             _check(bool(sep and module and name), f"functions[{i}]",

@@ -1,13 +1,11 @@
-"""From a RunConfig to the pieces a command trains: mesh, tokenizer, model (born sharded), trainer, data."""
+"""From a RunConfig to the pieces every step shares: mesh, tokenizer, architecture, data, the loop's schedule."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import jax
 import numpy as np
-from flax import nnx
 
 from jaxrl.config import RunConfig
 from jaxrl.data import synthetic
@@ -16,14 +14,10 @@ from jaxrl.data.iterator import BatchIterator
 from jaxrl.data.tokenize import Encoder
 from jaxrl.errors import JaxrlError
 from jaxrl.models import config as model_config
-from jaxrl.models.hf import check_tokenizer_files, load_pretrained, read_config
-from jaxrl.models.lora import add_lora
-from jaxrl.models.transformer import ScoreModel, Transformer, store_params
-from jaxrl.optim import make_optimizer
+from jaxrl.models.hf import check_tokenizer_files, read_config
 from jaxrl.parallel.mesh import make_mesh
-from jaxrl.parallel.sharding import DATA_AXES, model_shardings, zero_layout
-from jaxrl.precision import dtype_of
-from jaxrl.train.step import Trainer
+from jaxrl.parallel.sharding import data_parallel_size
+from jaxrl.train.loop import Schedule
 
 
 def training_mesh(cfg: RunConfig):
@@ -31,14 +25,15 @@ def training_mesh(cfg: RunConfig):
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
-def load_tokenizer(model_path: str):
-    """The tokenizer of an HF directory; presets use the synthetic task's character tokenizer."""
+def load_tokenizer(model_path: str, *, what: str = "model.path"):
+    """The tokenizer of an HF directory; presets use the synthetic task's character tokenizer. `what` names
+    the setting the path came from, for the error."""
     if model_path in model_config.PRESETS:
         return synthetic.build_tokenizer()
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: only when a directory is read
 
     if not os.path.isdir(model_path):
-        raise JaxrlError(f"model.path {model_path!r} is neither an HF directory nor a preset "
+        raise JaxrlError(f"{what} {model_path!r} is neither an HF directory nor a preset "
                          f"({', '.join(sorted(model_config.PRESETS))})")
     try:
         return AutoTokenizer.from_pretrained(model_path)
@@ -48,89 +43,14 @@ def load_tokenizer(model_path: str):
 
 
 # ------------------------------------------------------------------------------------------------ model
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """How to build one model role (actor, critic, reference, reward)."""
-
-    path: str  # HF directory or preset name
-    kind: str = "causal_lm"  # or 'score'
-    dtype: str = "fp32"  # compute dtype
-    param_dtype: str = "fp32"  # storage dtype: fp32 for a model that trains (master copy)
-    remat: str = "none"
-    logits_chunk: int = 0  # causal LM: positions per LM-head chunk in the losses
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    lora_targets: tuple[str, ...] = ("q", "v")
-    seed: int = 0
-
-
-def spec_from(cfg: RunConfig, path: str | None = None, kind: str = "causal_lm") -> ModelSpec:
-    lora = cfg.model.lora
-    return ModelSpec(path=path or cfg.model.path, kind=kind, dtype=cfg.precision.compute, remat=cfg.model.remat,
-                     logits_chunk=cfg.model.logits_chunk, lora_rank=lora.rank, lora_alpha=lora.alpha,
-                     lora_targets=tuple(lora.targets), seed=cfg.seed)
-
-
-def frozen_spec(cfg: RunConfig, path: str | None = None, kind: str = "causal_lm") -> ModelSpec:
-    """A model that only runs forward (PPO's reference and reward model): no LoRA, no remat, and its
-    weights stored in the compute dtype (no fp32 master copy: nothing updates them) unless
-    `ppo.frozen_dtype` is fp32."""
-    stored = cfg.precision.compute if cfg.ppo.frozen_dtype == "compute" else "fp32"
-    return dataclasses.replace(spec_from(cfg, path, kind), lora_rank=0, remat="none", param_dtype=stored)
-
-
-def model_arch(path: str, tokenizer) -> model_config.ModelConfig:
-    """The architecture: read from config.json, or a preset sized to the tokenizer."""
+def model_arch(path: str, tokenizer=None) -> model_config.ModelConfig:
+    """The architecture: read from config.json, or a preset sized to the tokenizer (None: the preset's own)."""
     if path in model_config.PRESETS:
+        tokenizer = load_tokenizer(path) if tokenizer is None else tokenizer
         vocab = -(-len(tokenizer) // 64) * 64  # round up so every mesh axis divides it
         return model_config.preset(path, vocab_size=vocab, eos_token_id=tokenizer.eos_token_id,
                                    pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
     return read_config(path)
-
-
-def build_model(spec: ModelSpec, arch: model_config.ModelConfig, mesh, stage: int):
-    """The model on `mesh`, parameters born in the ZeRO `stage` layout; returns (model, layout)."""
-    dtype, param_dtype = dtype_of(spec.dtype), dtype_of(spec.param_dtype)
-
-    def fresh(sh):
-        return _lora(new_model(spec, arch, sh), spec)
-
-    layout = zero_layout(fresh, mesh, stage)
-    shardings = model_shardings(shard_params=stage == 3, tensor=mesh.shape["tensor"] > 1)
-    with jax.set_mesh(mesh):
-        if spec.path in model_config.PRESETS:
-            model = store_params(fresh(shardings), param_dtype)
-        else:
-            model = _lora(load_pretrained(spec.path, dtype=dtype, kind=spec.kind, shardings=shardings,
-                                          remat=spec.remat, seed=spec.seed, param_dtype=param_dtype,
-                                          logits_chunk=spec.logits_chunk), spec)
-    return model, layout
-
-
-def new_model(spec: ModelSpec, arch: model_config.ModelConfig, shardings):
-    """A freshly initialised `Transformer` or `ScoreModel` as `spec` says (parameters in fp32, no LoRA)."""
-    kw = dict(rngs=nnx.Rngs(spec.seed), dtype=dtype_of(spec.dtype), shardings=shardings, remat=spec.remat)
-    if spec.kind == "score":
-        return ScoreModel(arch, **kw)
-    return Transformer(arch, logits_chunk=spec.logits_chunk, **kw)
-
-
-def _lora(model, spec: ModelSpec):
-    if spec.lora_rank <= 0:
-        return model
-    return add_lora(model, rank=spec.lora_rank, alpha=spec.lora_alpha, targets=spec.lora_targets, seed=spec.seed)
-
-
-def make_trainer(cfg: RunConfig, mesh, model, layout, loss_fn, *, lr: float | None = None,
-                 total_steps: int | None = None, lora: bool = True) -> Trainer:
-    """A Trainer with the run's optimizer (fp16 turns on loss scaling); `lora=False` trains every weight."""
-    optim = cfg.optim if lr is None else dataclasses.replace(cfg.optim, lr=lr)
-    loss_scale = None
-    if cfg.precision.compute == "fp16":
-        loss_scale = dataclasses.replace(cfg.precision.loss_scale, enabled=True)
-    optimizer = make_optimizer(optim, total_steps or cfg.train.steps, loss_scale=loss_scale)
-    only_lora = lora and cfg.model.lora.rank > 0 and cfg.model.lora.train_only_lora
-    return Trainer(model, optimizer, loss_fn, mesh=mesh, layout=layout, wrt=nnx.LoRAParam if only_lora else nnx.Param)
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -185,7 +105,7 @@ def encoder(tokenizer) -> Encoder:
 def micro_batch_rows(cfg: RunConfig, mesh) -> int:
     """Rows of one micro-batch over all processes; it must split evenly over the data axes."""
     rows = cfg.train.batch_size // cfg.optim.grad_accum
-    shards = int(np.prod([mesh.shape[a] for a in DATA_AXES]))
+    shards = data_parallel_size(mesh)
     if rows % shards:
         raise JaxrlError(f"train.batch_size / optim.grad_accum = {rows} rows must be a multiple of the "
                          f"{shards} data-parallel devices (mesh.data x mesh.fsdp)")
@@ -220,6 +140,13 @@ def weighted_mean(metrics: list[dict]) -> dict:
     w = np.array([float(m.get("weight", 1.0)) for m in metrics])
     keys = [k for k in metrics[0] if k != "weight"]
     return {k: float(np.sum(w * np.array([float(m[k]) for m in metrics])) / max(w.sum(), 1e-9)) for k in keys}
+
+
+def schedule(cfg: RunConfig) -> Schedule:
+    """When the shared loop logs, evaluates, saves and exports (the `train.*_every` keys)."""
+    t = cfg.train
+    return Schedule(log_every=t.log_every, eval_every=t.eval_every, save_every=t.save_every,
+                    export_every=t.export_every, keep=t.keep_checkpoints)
 
 
 # Metrics of the optimizer, not of the loss: after a window of micro-batches they describe its one update.

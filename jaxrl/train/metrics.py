@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from jaxrl.errors import JaxrlError
+from jaxrl.io import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -106,11 +107,9 @@ class MetricsWriter:
             return
         self._close_handles()
         kept = [r for r in _read_records(self.path, missing_ok=True) if r["step"] <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            # strict_json also turns the NaN of a file written before this writer was strict into null.
+        # strict_json also turns the NaN of a file written before this writer was strict into null.
+        with atomic_write(self.path) as f:
             f.writelines(strict_json(r) + "\n" for r in kept)
-        os.replace(tmp, self.path)
         self._open(purge_step=step + 1)
 
     def plot(self, names: Iterable[str] | None = None) -> list[str]:

@@ -21,23 +21,96 @@ from jax.sharding import PartitionSpec as P
 from jaxrl.algorithms import ppo
 from jaxrl.config import RunConfig
 from jaxrl.data import synthetic
+from jaxrl.data.dataset import load_records
 from jaxrl.data.tokenize import tokenize_prompts, tokenize_sft
 from jaxrl.errors import JaxrlError
 from jaxrl.generation import SamplerConfig, generate_batch
+from jaxrl.models.hf import save_pretrained
 from jaxrl.models.transformer import Transformer, shard_activations
-from jaxrl.parallel.hybrid import HybridEngine, generation_mesh
 from jaxrl.parallel.mesh import settle, to_host
-from jaxrl.parallel.sharding import DATA_AXES
+from jaxrl.parallel.sharding import DATA_AXES, data_parallel_size
 from jaxrl.precision import dtype_of
-from jaxrl.train import build
+from jaxrl.steps import role as role_lib
+from jaxrl.steps.hybrid import HybridEngine, generation_mesh
+from jaxrl.steps.role import Role, frozen_spec, lora_only, spec_from
+from jaxrl.train import build, loop
 
 log = logging.getLogger(__name__)
+
+
+def roles(cfg: RunConfig, mesh, tokenizer=None) -> dict[str, Role]:
+    """The four models: actor and reference from the SFT model (model.path), critic and reward from the
+    reward model; actor and critic train on PPO mini-batches, reference and reward score rollouts."""
+    reward_path = cfg.model.reward_path
+    if not reward_path:
+        raise JaxrlError("ppo needs model.reward_path: the HF directory written by `jaxrl reward` (its hf/)")
+    critic_path = cfg.model.critic_path or reward_path
+    p = cfg.ppo
+    plen, length = cfg.data.max_prompt_len, cfg.data.max_prompt_len + cfg.generation.max_new_tokens
+    mb = mini_batch_rows(cfg, mesh)
+    seq = ((mb, length), jnp.int32)  # (B, P + R)
+    resp_i, resp_f = ((mb, length - plen), jnp.int32), ((mb, length - plen), jnp.float32)  # (B, R)
+    actor_batch = {"seq": seq, "attention_mask": seq, "response_mask": resp_i, "old_logprobs": resp_f,
+                   "advantages": resp_f}
+    if p.ptx_coef > 0:  # the pretraining rows beside each mini-batch (see PPO._ptx_batch)
+        actor_batch.update({f"ptx_{k}": seq for k in ("input_ids", "attention_mask", "loss_mask")})
+        actor_batch["ptx_ratio"] = ((mb,), jnp.float32)
+    critic_batch = {"seq": seq, "attention_mask": seq, "response_mask": resp_i, "old_values": resp_f,
+                    "returns": resp_f}
+    rollout = {k: ((p.rollout_batch_size, length), jnp.int32) for k in ("seq", "attention_mask")}
+    actor_loss = functools.partial(ppo.actor_loss, prompt_len=plen, clip_ratio=p.clip_ratio,
+                                   entropy_coef=p.entropy_coef, ptx_coef=p.ptx_coef)
+    critic_loss = functools.partial(ppo.critic_loss, prompt_len=plen, value_clip=p.value_clip, vf_coef=p.vf_coef)
+    arch = build.model_arch(cfg.model.path, tokenizer)
+    declared = {
+        "actor": Role("actor", spec_from(cfg), arch, actor_batch, loss=actor_loss, total_steps=total_updates(cfg),
+                      lora_only=lora_only(cfg)),
+        "critic": Role("critic", dataclasses.replace(spec_from(cfg, critic_path, kind="score"), lora_rank=0),
+                       build.model_arch(critic_path, tokenizer), critic_batch, loss=critic_loss, lr=p.critic_lr,
+                       total_steps=total_updates(cfg)),
+        "reference": Role("reference", frozen_spec(cfg), arch, rollout,
+                          forward=lambda m, b: ppo.response_logprobs(m, b["seq"], b["attention_mask"], plen)[0]),
+        "reward": Role("reward", frozen_spec(cfg, reward_path, kind="score"),
+                       build.model_arch(reward_path, tokenizer), rollout,
+                       forward=lambda m, b: m.sequence_score(b["seq"], b["attention_mask"])),
+    }
+    if not needs_reference(cfg):
+        del declared["reference"]
+    return declared
+
+
+def mini_batch_rows(cfg: RunConfig, mesh) -> int:
+    """Rows of one PPO mini-batch: the step's rollouts split into ppo.mini_batches, over the data axes."""
+    p = cfg.ppo
+    shards = data_parallel_size(mesh)
+    mb = p.rollout_batch_size * p.generation_batches // p.mini_batches
+    if mb % shards:
+        raise JaxrlError(f"ppo.rollout_batch_size={p.rollout_batch_size} must split, per mini-batch ({mb} rows = "
+                         f"ppo.rollout_batch_size x ppo.generation_batches / ppo.mini_batches), over the {shards} "
+                         "training data-parallel devices")
+    return mb
+
+
+def hybrid_engine(cfg: RunConfig, arch, actor_graphdef, mesh) -> HybridEngine:
+    """The Hybrid Engine for the actor: generation mesh over the training mesh's devices, inference dtype."""
+    g = cfg.generation
+    gen_dtype = dtype_of(g.dtype)
+    hybrid = HybridEngine(
+        actor_graphdef,
+        lambda sh: Transformer(arch, rngs=nnx.Rngs(0), dtype=gen_dtype, shardings=sh),
+        generation_mesh(g.mesh.data, g.mesh.tensor, devices=mesh.devices.flatten()),
+        gen_dtype,
+    )
+    if cfg.ppo.rollout_batch_size % hybrid.mesh.shape["data"]:
+        raise JaxrlError(f"ppo.rollout_batch_size={cfg.ppo.rollout_batch_size} must split over generation.mesh.data "
+                         f"({hybrid.mesh.shape['data']} groups)")
+    return hybrid
 
 
 @dataclasses.dataclass
 class Roles:
     """The models: two trained (actor, critic: Trainers) and two frozen (reference, reward), the frozen
-    ones stored in the compute dtype (`build.frozen_spec`)."""
+    ones stored in the compute dtype (`role.frozen_spec`); no reference when ppo.kl_coef is 0."""
 
     actor: object
     critic: object
@@ -46,42 +119,20 @@ class Roles:
     hybrid: HybridEngine
     arch: object
     tokenizer: object
+    declared: dict  # name -> Role, as `roles` declared them
 
 
 def load_roles(cfg: RunConfig, mesh) -> Roles:
-    """Actor and reference from the SFT model (model.path); critic and reward from the reward model."""
-    reward_path = cfg.model.reward_path
-    if not reward_path:
-        raise JaxrlError("ppo needs model.reward_path: the HF directory written by `jaxrl reward` (its hf/)")
-    critic_path = cfg.model.critic_path or reward_path
-    updates = total_updates(cfg)  # checks the accumulation fits before anything is built
+    """The roles of `roles(cfg)` built with their weights on `mesh`, and the actor's Hybrid Engine."""
+    total_updates(cfg)  # checks the accumulation fits before anything is built
     tok = build.load_tokenizer(cfg.model.path)
-    arch = build.model_arch(cfg.model.path, tok)
-    stage = cfg.zero_stage
-    p = cfg.ppo
-    actor, layout = build.build_model(build.spec_from(cfg), arch, mesh, stage)
-    actor_loss = functools.partial(ppo.actor_loss, prompt_len=cfg.data.max_prompt_len, clip_ratio=p.clip_ratio,
-                                   entropy_coef=p.entropy_coef, ptx_coef=p.ptx_coef)
-    actor_trainer = build.make_trainer(cfg, mesh, actor, layout, actor_loss, total_steps=updates)
-    critic_spec = dataclasses.replace(build.spec_from(cfg, critic_path, kind="score"), lora_rank=0)
-    critic, critic_layout = build.build_model(critic_spec, build.model_arch(critic_path, tok), mesh, stage)
-    critic_loss = functools.partial(ppo.critic_loss, prompt_len=cfg.data.max_prompt_len, value_clip=p.value_clip,
-                                    vf_coef=p.vf_coef)
-    critic_trainer = build.make_trainer(cfg, mesh, critic, critic_layout, critic_loss, lr=p.critic_lr,
-                                        total_steps=updates, lora=False)
-    ref = None
-    if needs_reference(cfg):
-        ref = nnx.split(build.build_model(build.frozen_spec(cfg), arch, mesh, stage)[0])
-    reward_spec = build.frozen_spec(cfg, reward_path, kind="score")
-    reward, _ = build.build_model(reward_spec, build.model_arch(reward_path, tok), mesh, stage)
-    gen_dtype = dtype_of(cfg.generation.dtype)
-    hybrid = HybridEngine(
-        actor_trainer.graphdef,
-        lambda sh: Transformer(arch, rngs=nnx.Rngs(0), dtype=gen_dtype, shardings=sh),
-        generation_mesh(cfg.generation.mesh.data, cfg.generation.mesh.tensor, devices=mesh.devices.flatten()),
-        gen_dtype,
-    )
-    return Roles(actor_trainer, critic_trainer, ref, nnx.split(reward), hybrid, arch, tok)
+    declared = roles(cfg, mesh, tok)
+    actor = role_lib.trainer(declared["actor"], cfg, mesh)
+    critic = role_lib.trainer(declared["critic"], cfg, mesh)
+    ref = role_lib.frozen(declared["reference"], cfg, mesh) if "reference" in declared else None
+    reward = role_lib.frozen(declared["reward"], cfg, mesh)
+    arch = declared["actor"].arch
+    return Roles(actor, critic, ref, reward, hybrid_engine(cfg, arch, actor.graphdef, mesh), arch, tok, declared)
 
 
 def needs_reference(cfg: RunConfig) -> bool:
@@ -107,10 +158,12 @@ def total_updates(cfg: RunConfig) -> int:
     return cfg.train.steps * micro // cfg.optim.grad_accum
 
 
-def sampler(cfg: RunConfig, roles: Roles, *, temperature=None) -> SamplerConfig:
+def sampler(cfg: RunConfig, arch, tokenizer=None, *, temperature=None) -> SamplerConfig:
+    """The rollout's sampler; without a tokenizer (planning) EOS comes from the architecture, pad is 0."""
     g = cfg.generation
-    eos = roles.arch.eos_ids or (roles.tokenizer.eos_token_id,)
-    pad = roles.tokenizer.pad_token_id if roles.tokenizer.pad_token_id is not None else eos[0]
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    eos = arch.eos_ids or ((tokenizer.eos_token_id,) if tokenizer is not None else (0,))
+    pad = pad_id if pad_id is not None else eos[0]
     return SamplerConfig(max_new_tokens=g.max_new_tokens, temperature=g.temperature if temperature is None
                          else temperature, top_k=g.top_k, top_p=g.top_p, eos_ids=tuple(eos), pad_id=pad)
 
@@ -123,18 +176,13 @@ class PPO:
         self.cfg, self.mesh, self.roles = cfg, mesh, roles
         p = cfg.ppo
         self.rows = p.rollout_batch_size
-        shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
-        mb = self.rows * p.generation_batches // p.mini_batches
-        if self.rows % roles.hybrid.mesh.shape["data"] or mb % shards:
-            raise JaxrlError(f"ppo.rollout_batch_size={self.rows} must split over generation.mesh.data and, per "
-                             f"mini-batch ({mb} rows), over the {shards} training data-parallel devices")
-        self.mini_rows = mb
+        self.mini_rows = mb = mini_batch_rows(cfg, mesh)
         self.prompts = build.iterator(prompts, self.rows, cfg.seed)
         self.eval_prompts = eval_prompts
         self.ptx = build.iterator(ptx, mb, cfg.seed + 1) if ptx is not None else None
         self.kl_coef = p.kl_coef
         self.score_stats = (0.0, 0.0, 0.0)  # running (count, mean, M2) of reward scores (ppo.normalize_reward)
-        self.sampler = sampler(cfg, roles)
+        self.sampler = sampler(cfg, roles.arch, roles.tokenizer)
         self.train_sharding = roles.actor.batch_sharding
         self._experience = jax.jit(self._experience_fn)
         self._take = jax.jit(lambda batch, idx: jax.tree.map(lambda x: x[idx], batch),
@@ -233,17 +281,19 @@ class PPO:
     def train(self, state, experience, step):
         p = self.cfg.ppo
         n = jax.tree.leaves(experience)[0].shape[0]
-        rng = np.random.RandomState([self.cfg.seed, step])
+        shuffle = np.random.RandomState([self.cfg.seed, step])
         actor_m, critic_m = [], []
         with jax.set_mesh(self.mesh):
             for _ in range(p.epochs):
-                order = rng.permutation(n)
+                order = shuffle.permutation(n)
                 for i in range(p.mini_batches):
                     idx = jnp.asarray(order[i * self.mini_rows:(i + 1) * self.mini_rows])
                     mb = settle(self._take(experience, idx))
                     actor_mb = dict(mb, **self._ptx_batch(mb)) if self.ptx else mb
+                    actor_mb = role_lib.feed(self.roles.declared["actor"], actor_mb)
+                    critic_mb = role_lib.feed(self.roles.declared["critic"], mb)
                     state["actor"], am = self.roles.actor.step(state["actor"], actor_mb)
-                    state["critic"], cm = self.roles.critic.step(state["critic"], mb)
+                    state["critic"], cm = self.roles.critic.step(state["critic"], critic_mb)
                     if p.ema > 0:
                         state["ema"] = self._ema(state["ema"], state["actor"].params)
                     actor_m.append(am)
@@ -288,9 +338,9 @@ class PPO:
         scores, prompts, responses = [], [], []
         p_len = self.cfg.data.max_prompt_len
         for i, batch in enumerate(it):
-            rng = jax.random.fold_in(jax.random.key(self.cfg.seed + 7), i)
+            key = jax.random.fold_in(jax.random.key(self.cfg.seed + 7), i)
             valid = build.to_device({"valid": batch.pop("valid")}, self.train_sharding)["valid"]
-            rolled = self.rollout(state["actor"], batch, rng, sampler=cfg_s)
+            rolled = self.rollout(state["actor"], batch, key, sampler=cfg_s)
             with jax.set_mesh(self.mesh):
                 score = self._score_only(self.roles.reward[1], rolled)
             real = to_host(valid) > 0  # every process decodes all rows
@@ -305,9 +355,7 @@ class PPO:
 
     @functools.cached_property
     def _score_only(self):
-        graphdef = self.roles.reward[0]
-        return jax.jit(lambda st, b: shard_activations(nnx.merge(graphdef, st), P(DATA_AXES))
-                       .sequence_score(b["seq"], b["attention_mask"]))
+        return role_lib.jit_forward(self.roles.declared["reward"], self.roles.reward[0])
 
     def decode(self, ids, mask) -> list[str]:
         ids, mask = np.asarray(ids), np.asarray(mask)
@@ -322,8 +370,6 @@ def load_prompts(cfg: RunConfig, tokenizer):
         train, _ = build.load_split(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_fraction=0.0)),
                                     "prompt", tokenizer)
         paths, _ = build.dataset_paths(cfg, "eval")
-        from jaxrl.data.dataset import load_records
-
         evals = load_records(paths, need="prompt", seed=cfg.seed).records
     else:
         train, evals = build.load_split(cfg, "prompt", tokenizer)
@@ -331,20 +377,14 @@ def load_prompts(cfg: RunConfig, tokenizer):
     eval_arrays = tokenize_prompts(evals, enc, max_prompt_len=cfg.data.max_prompt_len).arrays if evals else None
     ptx = None
     if cfg.ppo.ptx_coef > 0:
-        from jaxrl.data.dataset import load_records
-
         recs = load_records(cfg.data.ptx_path, need="sft", seed=cfg.seed, tokenizer=tokenizer).records
         ptx = tokenize_sft(recs, enc, max_len=cfg.data.max_prompt_len + cfg.generation.max_new_tokens,
                            max_prompt_len=cfg.data.max_prompt_len, loss_on_prompt=True).arrays
     return train_arrays, eval_arrays, ptx
 
 
-def run_ppo(cfg: RunConfig) -> dict:
+def run(cfg: RunConfig) -> dict:
     """`jaxrl ppo`: trains the actor and critic; writes OUTPUT/hf (actor), hf-critic, hf-ema."""
-    from jaxrl.commands.train import schedule
-    from jaxrl.models.hf import save_pretrained
-    from jaxrl.train import loop
-
     mesh = build.training_mesh(cfg)
     roles = load_roles(cfg, mesh)
     prompts, eval_prompts, ptx = load_prompts(cfg, roles.tokenizer)
@@ -368,5 +408,5 @@ def run_ppo(cfg: RunConfig) -> dict:
     spec = loop.Loop(name="ppo", steps=cfg.train.steps, state=state, update=trainer.update, evaluate=evaluate,
                      export=export, data_state=trainer.data_state, restore_data=trainer.restore_data,
                      show=("reward/score", "kl"), allow_nonfinite=cfg.precision.compute == "fp16", config=cfg)
-    loop.run(spec, schedule(cfg), cfg.output)
+    loop.run(spec, build.schedule(cfg), cfg.output)
     return result

@@ -45,6 +45,7 @@ class HybridEngine:
         with jax.set_mesh(gen_mesh):
             abstract = nnx.eval_shape(lambda: build(model_shardings(shard_params=False, tensor=tensor)))
         self.gen_graphdef, abstract_state = nnx.split(abstract)
+        self._abstract = nnx.to_pure_dict(abstract_state)
         self.specs = spec_tree(abstract_state)
         self.shardings = jax.tree.map(lambda s: NamedSharding(gen_mesh, s), self.specs,
                                       is_leaf=lambda x: isinstance(x, P))
@@ -64,3 +65,11 @@ class HybridEngine:
         state = settle(self._reshard(params, frozen))
         return nnx.merge(self.gen_graphdef, state)
 
+    def abstract_copy(self):
+        """(graphdef, state) of the generation copy, its state as `jax.ShapeDtypeStruct`s in the inference
+        dtype with their shardings: what `generation_copy` makes, for ahead-of-time lowering (`jaxrl plan`)."""
+        def leaf(x, sharding):
+            dtype = self.dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+            return jax.ShapeDtypeStruct(x.shape, dtype, sharding=sharding)
+
+        return self.gen_graphdef, jax.tree.map(leaf, self._abstract, self.shardings)
