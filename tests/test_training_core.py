@@ -234,8 +234,10 @@ def test_lora_trains_only_lora_and_merges_for_export(tmp_path):
             state, m = trainer.step(state, batch)
             losses.append(float(m["loss"]))
     assert losses[-1] < losses[0]
-    assert set(jax.tree.leaves(jax.tree.map(lambda x: x.ndim, state.params))) == {2}
-    assert len(jax.tree.leaves(state.params)) == 2 * 3 * CFG.num_layers  # A and B per target per layer
+    # A [L, in, r] and B [L, r, out] per target, stacked over the layers like their kernels
+    assert {x.shape[0] for x in jax.tree.leaves(state.params)} == {CFG.num_layers}
+    assert set(jax.tree.leaves(jax.tree.map(lambda x: x.ndim, state.params))) == {3}
+    assert len(jax.tree.leaves(state.params)) == 2 * 3
     for x, y in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(jax.device_get(state.frozen))):
         np.testing.assert_array_equal(x, y)
 
