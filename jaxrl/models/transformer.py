@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from jaxrl.models.config import ModelConfig
@@ -214,7 +213,6 @@ REMAT_POLICIES = {
     "full": None,  # save nothing inside a block: recompute it all in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
-GATHERED = "gathered_layer"  # checkpoint name of a layer's gathered parameters: never saved for backward
 
 
 class Transformer(nnx.Module):
@@ -313,9 +311,9 @@ class Transformer(nnx.Module):
         """x (B, T, D) through the L stacked blocks with `jax.lax.scan`; the cache rides in the carry.
 
         The body merges one layer's slice of the stacked parameters into a Block (after `layer_gather`,
-        e.g. ZeRO-3's all-gather of that layer) and is rematerialised by `self.remat`; a gathered layer is
-        never saved for the backward pass (it is gathered again there), so ZeRO-3 holds about two layers of
-        full parameters at a time.
+        e.g. ZeRO-3's all-gather of that layer) and is rematerialised by `self.remat`. With a gather, the
+        gathered layer is never saved for the backward pass (it is gathered again there; remat 'none' then
+        saves what 'dots' saves), so ZeRO-3 holds about two layers of full parameters at a time.
         """
         graphdef, stacked = nnx.split(self.layers)
         stacked = nnx.to_pure_dict(stacked)
@@ -325,7 +323,7 @@ class Transformer(nnx.Module):
             h, layer_cache = carry
             params, layer = xs
             if gather is not None:
-                params = jax.tree.map(lambda p: checkpoint_name(p, GATHERED), gather(params))
+                params = gather(params)
             h, layer_cache = nnx.merge(graphdef, params)(h, positions, mask, layer_cache, cache_index, layer)
             if act_spec is not None:
                 h = jax.lax.with_sharding_constraint(h, act_spec)
@@ -335,9 +333,11 @@ class Transformer(nnx.Module):
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         elif self.remat != "none":
             raise ValueError(f"model.remat must be one of none, {', '.join(REMAT_POLICIES)}; got {self.remat!r}")
-        elif gather is not None:  # save everything the backward pass needs except the gathered layer
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.save_anything_except_these_names(GATHERED),
-                                  prevent_cse=False)
+        elif gather is not None:
+            # Saving everything would keep every gathered layer (and values derived from it) until the
+            # backward pass, i.e. the whole model. Save the projections' outputs (as remat='dots' does)
+            # and gather the layer again in the backward scan instead.
+            body = jax.checkpoint(body, policy=REMAT_POLICIES["dots"], prevent_cse=False)
         layers = jnp.arange(self.config.num_layers)
         (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, layers))
         return x, cache
