@@ -242,7 +242,12 @@ def resolve_batch_sizes(train_batch_size: int | None, micro: int | None, accum: 
 
 
 def _loss_scale(fp16: Mapping, enabled: bool) -> LossScaleConfig:
-    """`fp16.*` -> LossScaleConfig (`loss_scale` 0: dynamic, > 0: that fixed scale)."""
+    """`fp16.*` -> LossScaleConfig (`loss_scale` 0: dynamic, > 0: that fixed scale).
+
+    A field left out takes DeepSpeed's default whether the section names some fields or none
+    (DeepSpeed >= 0.17.1, `DeepSpeedFP16Config.dynamic_loss_scale_args` in
+    deepspeed/runtime/precision_config.py): 2**16, window 1000, hysteresis 2, minimum 1, not consecutive.
+    """
     p = "fp16"
     kw = {
         "static_scale": _value(fp16, "loss_scale", p, "float", 0.0),

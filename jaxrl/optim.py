@@ -68,11 +68,19 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LossScaleConfig:
-    """fp16 loss scaling with DeepSpeed's ``fp16`` fields (config key ``loss_scale``)."""
+    """fp16 loss scaling with DeepSpeed's ``fp16`` fields (config key ``loss_scale``).
+
+    The defaults are DeepSpeed's for an ``fp16`` section that leaves a field out, bare
+    ``{"enabled": true}`` included: the fields of ``DeepSpeedFP16Config``
+    (deepspeed/runtime/precision_config.py, equal to the ``FP16_*_DEFAULT`` constants in
+    deepspeed/runtime/constants.py), which DeepSpeed 0.17.1 on hands to the scaler in every case.
+    (Up to 0.17.0 a section naming none of the dynamic-scaling fields left ``DynamicLossScaler`` its
+    own constructor defaults instead: 2**32, hysteresis 1.)
+    """
 
     enabled: bool = False  # scale the loss (turned on by fp16 compute)
     initial_scale_power: int = 16  # dynamic scaling starts at 2**initial_scale_power
-    loss_scale_window: int = 1000  # finite steps between scale doublings
+    loss_scale_window: int = 1000  # finite steps between scale doublings (the first on the window + 1-th)
     hysteresis: int = 2  # overflows tolerated before the scale halves
     min_loss_scale: float = 1.0  # the scale never halves below this
     static_scale: float = 0.0  # > 0: a fixed scale (DeepSpeed loss_scale); 0: dynamic

@@ -86,7 +86,11 @@ def next_scale(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One step of DeepSpeed's ``DynamicLossScaler.update_scale``, on scalars.
 
-    With ``g`` = finite steps since the last overflow *before* this one and ``h`` = hysteresis left:
+    The reference is ``DynamicLossScaler`` in deepspeed/runtime/fp16/loss_scaler.py as of DeepSpeed
+    0.17.1 (checked against 0.19.8), the scaler of the ZeRO 1-3 fp16 optimizers. Its counters map onto
+    ours as ``g = cur_iter - last_overflow_iter - 1`` (DeepSpeed's ``stable_interval``: the finite steps
+    since the last overflow, or since the start where ``last_overflow_iter = -1``, *before* this one)
+    and ``h = cur_hysteresis`` (refilled to ``hysteresis``, DeepSpeed's ``delayed_shift``):
 
     * overflow: if ``h <= 1``: ``S <- max(S / 2, min_scale)`` (``h`` stays); else ``h <- h - 1``
       (``S`` stays). ``g <- 0``. ``h`` is *not* refilled by shrinking.
@@ -95,9 +99,14 @@ def next_scale(
       ``g <- g + 1``.
 
     So from a fresh start or an overflow the scale first doubles on the ``window + 1``-th finite step,
-    then every ``window`` finite steps (DeepSpeed's ``stable_interval % scale_window == 0`` with
-    ``stable_interval = cur_iter - last_overflow_iter - 1``). DeepSpeed raises when it overflows at
-    the minimum scale; under jit the scale stays at the minimum and the step is skipped.
+    then every ``window`` finite steps. DeepSpeed up to 0.17.0 tested
+    ``(cur_iter - last_overflow_iter) % scale_window == 0`` instead and doubled one step earlier, on
+    the ``window``-th; 0.17.1 changed it to the formula above, which is the one followed here.
+
+    Two differences remain: DeepSpeed raises when an overflow would halve a scale already at
+    ``min_scale`` (``raise_error_at_min_scale``); under jit the scale stays at the minimum and the
+    step is skipped. And ZeRO stage 0's ``FP16_Optimizer._update_scale`` has no hysteresis (it
+    halves on every overflow); here every stage uses the ZeRO 1-3 scaler.
 
     Returns:
       the new ``(scale, good_steps, hysteresis_left)``.

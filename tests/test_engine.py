@@ -322,6 +322,68 @@ def test_fp16_fields_map_to_loss_scale_config(fp16, expected):
     assert float(loss_scale_of(state)) == start
 
 
+def _scaler_behaviour(tx) -> tuple:
+    """What the fp16 fields decide, observed on an optimizer rather than read from its config:
+    (first scale, overflows absorbed before the scale first moves, scale after 40 overflows,
+    finite steps until the first doubling (None: never in 1100), scale after "overflow, finite, overflow").
+    """
+    params = {"w": jnp.zeros((1,), jnp.float32)}
+
+    def scales(pattern):
+        def body(state, o):
+            _, state = tx.update({"w": jnp.where(o, jnp.inf, 1.0) * jnp.ones((1,))}, state, params)
+            return state, loss_scale_of(state)
+
+        return np.asarray(jax.jit(lambda s: jax.lax.scan(body, s, jnp.asarray(pattern))[1])(tx.init(params)))
+
+    first = float(loss_scale_of(tx.init(params)))
+    over, finite = scales(np.ones(40, bool)), scales(np.zeros(1100, bool))
+    moved, grew = np.flatnonzero(over != first), np.flatnonzero(finite > first)
+    return (first, int(moved[0]) if moved.size else 40, float(over[-1]),
+            int(grew[0]) + 1 if grew.size else None, float(scales(np.array([True, False, True]))[-1]))
+
+
+# Expected behaviour, worked out by hand from DeepSpeed >= 0.17.1 (checked in 0.19.8). A field the fp16
+# section leaves out takes the DeepSpeedFP16Config default (deepspeed/runtime/precision_config.py; the
+# same values as FP16_*_DEFAULT in deepspeed/runtime/constants.py): initial_scale_power 16,
+# loss_scale_window 1000, hysteresis 2, consecutive_hysteresis false, min_loss_scale 1, loss_scale 0.
+# dynamic_loss_scale_args() returns them whether the section names some fields or none, and the ZeRO
+# optimizers (engine.py, _configure_zero_optimizer) hand them to DynamicLossScaler; loss_scale > 0 is
+# a static LossScaler (loss_scaler.py, CreateLossScaler). DeepSpeed <= 0.17.0 differed for the bare
+# section only: get_dynamic_loss_scale_args (config.py) returned None and DynamicLossScaler kept its
+# constructor defaults (2**32, delayed_shift 1, hence (2**32, 0, 1.0, 1000, 2**30) on the first row).
+# The window column is window + 1: DynamicLossScaler.update_scale doubles at stable_interval = window.
+FP16_BEHAVIOUR = [
+    ({"enabled": True}, (2.0**16, 1, 1.0, 1001, 2.0**15)),
+    ({"enabled": True, "loss_scale_window": 3}, (2.0**16, 1, 1.0, 4, 2.0**15)),
+    ({"enabled": True, "initial_scale_power": 8}, (2.0**8, 1, 1.0, 1001, 2.0**7)),
+    ({"enabled": True, "hysteresis": 1, "min_loss_scale": 8}, (2.0**16, 0, 8.0, 1001, 2.0**14)),
+    ({"enabled": True, "consecutive_hysteresis": True}, (2.0**16, 1, 1.0, 1001, 2.0**16)),
+    ({"enabled": True, "loss_scale": 0}, (2.0**16, 1, 1.0, 1001, 2.0**15)),
+    ({"enabled": True, "loss_scale": 128, "initial_scale_power": 4}, (128.0, 40, 128.0, None, 128.0)),
+]
+
+
+@pytest.mark.parametrize("fp16,expected", FP16_BEHAVIOUR)
+def test_initialize_reads_fp16_with_deepspeed_defaults(fp16, expected):
+    engine = jaxrl.initialize(model=nnx.Linear(1, 1, rngs=nnx.Rngs(0)), optimizer=optax.sgd(0.1),
+                              config={"train_batch_size": 8, "fp16": fp16})
+    assert engine.config.compute == "fp16"
+    assert _scaler_behaviour(engine.optimizer) == expected
+
+
+@pytest.mark.parametrize("fp16,expected", FP16_BEHAVIOUR)
+def test_deepspeed_flag_reads_fp16_with_deepspeed_defaults(fp16, expected):
+    from jaxrl.train import build
+
+    cfg = apply_overrides(RunConfig(), dsc.to_run_config_overrides({"train_batch_size": 8, "fp16": fp16}, 1))
+    assert cfg.precision.compute == "fp16"
+    model = nnx.Linear(1, 1, rngs=nnx.Rngs(0))
+    mesh = make_mesh()
+    trainer = build.make_trainer(cfg, mesh, model, generic_zero_layout(nnx.state(model), mesh, 0), mse, lora=False)
+    assert _scaler_behaviour(trainer.optimizer) == expected
+
+
 P0, G = jnp.array([1.0, -2.0]), jnp.array([0.5, 0.5])
 OPTIMIZERS = {  # name -> (optimizer section, expected first update for params P0 and gradient G)
     "SGD": ({"type": "SGD", "params": {"lr": 0.1, "weight_decay": 0.1, "momentum": 0.9}}, -0.1 * (G + 0.1 * P0)),

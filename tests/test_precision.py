@@ -54,10 +54,86 @@ def test_dtype_of():
         dtype_of("fp8")
 
 
+class _DeepSpeedScaler:
+    """DeepSpeed's dynamic loss scaler, re-stated from its source for these tests.
+
+    Source: ``DynamicLossScaler.__init__`` and ``DynamicLossScaler.update_scale`` in
+    deepspeed/runtime/fp16/loss_scaler.py, DeepSpeed 0.17.1 (unchanged through 0.19.8), the scaler
+    of the ZeRO 1-3 fp16 optimizers. The state is DeepSpeed's own counters, not ours:
+
+    * start: ``cur_iter = 0``, ``last_overflow_iter = -1``, ``cur_hysteresis = delayed_shift``.
+    * overflow: halve (floored at ``min_scale``) if ``delayed_shift == 1 or cur_hysteresis == 1``,
+      else ``cur_hysteresis -= 1``; then ``last_overflow_iter = cur_iter``.
+    * finite: ``consecutive_hysteresis`` refills ``cur_hysteresis``; with
+      ``stable_interval = cur_iter - last_overflow_iter - 1``, double when ``stable_interval > 0`` and
+      ``stable_interval % scale_window == 0``, refilling ``cur_hysteresis`` there when not consecutive.
+    * every step: ``cur_iter += 1``.
+
+    ``raise_error_at_min_scale`` is off: DeepSpeed raises on an overflow at the minimum, jaxrl's
+    jitted step cannot and keeps the minimum (see ``jaxrl.precision.next_scale``).
+    """
+
+    def __init__(self, init_scale, scale_window, min_scale, delayed_shift, consecutive_hysteresis=False):
+        self.cur_scale, self.scale_window, self.min_scale = init_scale, scale_window, min_scale
+        self.delayed_shift, self.consecutive = delayed_shift, consecutive_hysteresis
+        self.cur_iter, self.last_overflow_iter, self.cur_hysteresis = 0, -1, delayed_shift
+
+    def update_scale(self, overflow: bool) -> None:
+        if overflow:
+            if 1 in (self.delayed_shift, self.cur_hysteresis):
+                self.cur_scale = max(self.cur_scale / 2.0, self.min_scale)
+            else:
+                self.cur_hysteresis -= 1
+            self.last_overflow_iter = self.cur_iter
+        else:
+            if self.consecutive:
+                self.cur_hysteresis = self.delayed_shift
+            stable_interval = self.cur_iter - self.last_overflow_iter - 1
+            if stable_interval > 0 and stable_interval % self.scale_window == 0:
+                if not self.consecutive:
+                    self.cur_hysteresis = self.delayed_shift
+                self.cur_scale *= 2.0
+        self.cur_iter += 1
+
+    def counters(self):
+        """Ours in DeepSpeed's terms: (scale, finite steps since the last overflow, hysteresis left)."""
+        return self.cur_scale, self.cur_iter - self.last_overflow_iter - 1, self.cur_hysteresis
+
+
+def _scan_counters(tx, overflow: np.ndarray):
+    """Runs ``tx`` over a bool pattern in one ``lax.scan``; (scale, good, hysteresis, skipped) per step."""
+    params = _params()
+
+    def body(state, o):
+        grads = jax.tree_util.tree_map(lambda p: jnp.where(o, INF, 1.0) * jnp.ones_like(p), params)
+        _, state = tx.update(grads, state, params)
+        return state, (state.scale, state.good_steps, state.hysteresis_left, state.skipped)
+
+    _, out = jax.jit(lambda s, o: jax.lax.scan(body, s, o))(tx.init(params), jnp.asarray(overflow))
+    return list(zip(*(np.asarray(x).tolist() for x in out)))
+
+
+def test_scale_first_doubles_on_the_window_plus_first_finite_step():
+    # Worked by hand from DeepSpeed 0.17.1+ update_scale: init 8, window 2, finite steps only; before
+    # step i (cur_iter = i) stable_interval = i - (-1) - 1 = i, so the scale doubles after steps 2 and 4.
+    # The scale each of the five steps multiplies its loss by: [8, 8, 8, 16, 16]. DeepSpeed <= 0.17.0
+    # ((cur_iter - last_overflow_iter) % window == 0: after steps 1 and 3) used [8, 8, 16, 16, 32].
+    tx = loss_scaled(optax.sgd(1.0), init_scale=8.0, window=2, hysteresis=2, min_scale=1.0)
+    after = [s for s, *_ in _run(tx, ".....")]
+    used = [8.0] + after[:-1]
+    assert used == [8.0, 8.0, 8.0, 16.0, 16.0]
+    ds = _DeepSpeedScaler(8.0, 2, 1.0, 2)
+    ds_used = []
+    for _ in range(5):
+        ds_used.append(ds.cur_scale)
+        ds.update_scale(False)
+    assert ds_used == used
+
+
 def test_dynamic_scale_follows_deepspeed_step_by_step():
     tx = loss_scaled(optax.sgd(1.0), init_scale=8.0, window=2, hysteresis=2, min_scale=2.0)
     # (scale, good_steps, hysteresis_left, skipped) after each step, worked out by hand from
-    # DeepSpeed's update_scale.
+    # DeepSpeed's DynamicLossScaler.update_scale (0.17.1+; good_steps = cur_iter - last_overflow_iter - 1).
     expected = [
         (8.0, 0, 1, 1),  # o: hysteresis 2 -> 1, scale kept
         (4.0, 0, 1, 2),  # o: hysteresis used up -> halve
@@ -75,39 +151,64 @@ def test_dynamic_scale_follows_deepspeed_step_by_step():
     assert _run(tx, "oooo.....o.o") == expected
 
 
+def test_growth_refills_hysteresis_only_without_consecutive_hysteresis():
+    # By hand, window 1, hysteresis 3: "oo" leaves 1; the first '.' (stable_interval 0) neither grows
+    # nor refills; the second (stable_interval 1) doubles and refills to 3, so the next "oo" is absorbed
+    # and only the third overflow halves.
+    tx = loss_scaled(optax.sgd(1.0), init_scale=16.0, window=1, hysteresis=3, min_scale=1.0)
+    got = [(s, h) for s, _, h, _ in _run(tx, "oo..ooo")]
+    assert got == [(16.0, 2), (16.0, 1), (16.0, 1), (32.0, 3), (32.0, 2), (32.0, 1), (16.0, 1)]
+
+
 def test_consecutive_hysteresis_refills_on_every_finite_step():
     tx = loss_scaled(optax.sgd(1.0), init_scale=8.0, window=100, hysteresis=2, min_scale=1.0,
                      consecutive_hysteresis=True)
     assert _run(tx, "o.o") == [(8.0, 0, 1, 1), (8.0, 1, 2, 1), (8.0, 0, 1, 2)]
 
 
-def _deepspeed_reference(pattern, scale, window, hysteresis, min_scale):
-    """DeepSpeed's cur_iter / last_overflow_iter formulation, in plain Python."""
-    cur_iter, last_overflow, hyst, out = 0, -1, hysteresis, []
-    for c in pattern:
-        if c == "o":
-            if hysteresis == 1 or hyst == 1:
-                scale = max(scale / 2, min_scale)
-            else:
-                hyst -= 1
-            last_overflow = cur_iter
-        else:
-            stable = cur_iter - last_overflow - 1
-            if stable > 0 and stable % window == 0:
-                hyst = hysteresis
-                scale *= 2
-        cur_iter += 1
-        out.append(scale)
-    return out
+@pytest.mark.parametrize("window,hysteresis,consecutive", [(1, 1, False), (3, 2, False), (2, 3, True), (5, 2, True)])
+def test_dynamic_scale_matches_deepspeed_on_a_random_200_step_pattern(window, hysteresis, consecutive):
+    overflow = np.random.default_rng(window * 10 + hysteresis).random(200) < 0.3
+    tx = loss_scaled(optax.sgd(1.0), init_scale=2.0**10, window=window, hysteresis=hysteresis, min_scale=4.0,
+                     consecutive_hysteresis=consecutive)
+    ds = _DeepSpeedScaler(2.0**10, window, 4.0, hysteresis, consecutive)
+    expected = []
+    for o in overflow:
+        ds.update_scale(bool(o))
+        expected.append(ds.counters() + (int(np.sum(overflow[:len(expected) + 1])),))
+    assert _scan_counters(tx, overflow) == expected
+    assert len({s for s, *_ in expected}) > 3  # the pattern moves the scale both ways
 
 
-@pytest.mark.parametrize("window,hysteresis", [(3, 2), (1, 1)])
-def test_dynamic_scale_matches_deepspeed_formulation_on_random_pattern(window, hysteresis):
-    rng = np.random.default_rng(0)
-    pattern = "".join(rng.choice(["o", ".", ".", "."], size=60))
-    tx = loss_scaled(optax.sgd(1.0), init_scale=2.0**10, window=window, hysteresis=hysteresis, min_scale=4.0)
-    got = [s for s, *_ in _run(tx, pattern)]
-    assert got == _deepspeed_reference(pattern, 2.0**10, window, hysteresis, 4.0)
+def test_scale_dependent_overflow_skips_the_steps_deepspeed_skips():
+    # fp16 backward: the gradient of S * L is S * g rounded to fp16, inf once it passes 65504; so which
+    # steps are skipped depends on the scale the scaler chose, and an error in the scale compounds.
+    g = 2.0 ** np.random.default_rng(1).uniform(-6.0, 4.0, size=200)  # (200,) true gradient per step
+    tx = loss_scaled(optax.sgd(1.0), init_scale=2.0**16, window=4, hysteresis=2, min_scale=1.0)
+    params = {"w": jnp.zeros((3,), jnp.float32)}
+
+    def body(state, g_t):
+        grads = {"w": jnp.full((3,), state.scale * g_t, jnp.float32).astype(jnp.float16)}
+        updates, state = tx.update(grads, state, params)
+        return state, (state.scale, state.skipped, updates["w"][0])
+
+    _, (scales, skipped, updates) = jax.jit(lambda s, x: jax.lax.scan(body, s, x))(
+        tx.init(params), jnp.asarray(g, jnp.float32))
+
+    ds = _DeepSpeedScaler(2.0**16, 4, 1.0, 2)
+    ds_scales, ds_skipped, applied = [], [], []
+    for g_t in g:
+        with np.errstate(over="ignore"):  # the overflow is the point
+            overflow = bool(np.isinf(np.float16(np.float32(ds.cur_scale) * np.float32(g_t))))
+        applied.append(not overflow)
+        ds.update_scale(overflow)
+        ds_scales.append(ds.cur_scale)
+        ds_skipped.append(len(applied) - sum(applied))
+    assert np.asarray(scales).tolist() == ds_scales
+    assert np.asarray(skipped).tolist() == ds_skipped
+    assert 20 < ds_skipped[-1] < 180  # both kinds of step occur
+    # Applied steps move w by -g (unscaled, to fp16 rounding), skipped ones not at all.
+    np.testing.assert_allclose(np.asarray(updates), np.where(applied, -g, 0.0), rtol=2e-3)
 
 
 def test_static_scale_never_changes_but_still_skips():
