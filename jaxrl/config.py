@@ -372,7 +372,8 @@ class ModelSection:
 
     # An HF model directory, or the name of a preset for a fresh model ('tiny').
     path: str = "tiny"
-    # Rematerialization: none, full (recompute each block), dots (save only matmul outputs).
+    # Rematerialization: none, full (recompute each block), dots (save only matmul outputs). Under
+    # zero_stage 3, none saves what dots saves: keeping everything would keep every gathered layer.
     remat: Literal["none", "full", "dots"] = "none"
     # Low-rank adapters.
     lora: LoraSection = _sub(LoraSection)
