@@ -24,6 +24,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from jaxrl.errors import JaxrlError
+from jaxrl.io import read_yaml
 from jaxrl.optim import LossScaleConfig, OptimConfig
 
 T = TypeVar("T")
@@ -262,15 +263,9 @@ def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
 
 
 def _read_yaml(path: str | os.PathLike) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise JaxrlError(f"config file '{path}' not found") from None
-    except OSError as e:
-        raise JaxrlError(f"cannot read config file '{path}': {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise JaxrlError(f"config file '{path}' is not valid YAML: {e}") from None
+    if not os.path.isfile(path):
+        raise JaxrlError(f"config file '{path}' not found")
+    data = read_yaml(path, what="config file", fix="repair it or give another --config", expect=None)
     if data is None:  # an empty file (or only comments) changes nothing
         return {}
     if not isinstance(data, dict):
@@ -375,6 +370,10 @@ class ModelSection:
     # Rematerialization: none, full (recompute each block), dots (save only matmul outputs). Under
     # zero_stage 3, none saves what dots saves: keeping everything would keep every gathered layer.
     remat: Literal["none", "full", "dots"] = "none"
+    # Sequence positions the LM head and its log-softmax handle at once in the losses and log-probs
+    # (SFT, PPO, ptx), each chunk rematerialised in the backward pass: the (rows, positions, vocab) fp32
+    # logits never exist for a whole sequence. 0: all positions in one pass.
+    logits_chunk: int = 128
     # Low-rank adapters.
     lora: LoraSection = _sub(LoraSection)
     # PPO critic's starting point (an HF directory); empty: the reward model of the previous step.
@@ -384,6 +383,7 @@ class ModelSection:
 
     def __post_init__(self):
         _check(bool(self.path), "path", "must name an HF directory or a preset such as 'tiny'")
+        _check_positive(self, "logits_chunk", minimum=0)
 
 
 @_section
@@ -535,6 +535,32 @@ class RewardSection:
 
 
 @_section
+class DpoSection:
+    """`jaxrl dpo`: offline preference training against a frozen reference (jaxrl.algorithms.dpo)."""
+
+    # Loss: sigmoid (DPO; conservative DPO with label_smoothing), ipo, hinge, or simpo (reference-free,
+    # length-normalised, with the margin simpo_gamma).
+    loss: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"
+    # Inverse temperature beta of the implicit reward beta * log(pi / pi_ref) (IPO's tau).
+    beta: float = 0.1
+    # Conservative DPO: the probability that a preference label is flipped; 0: plain DPO (sigmoid only).
+    label_smoothing: float = 0.0
+    # SimPO's target reward margin gamma (simpo only).
+    simpo_gamma: float = 0.5
+    # Compute the reference log-probs once per epoch (in the compute dtype), so the reference model is
+    # not resident during training.
+    precompute_ref: bool = False
+
+    def __post_init__(self):
+        _check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
+        _check(0 <= self.label_smoothing < 0.5, "label_smoothing",
+               f"must be in [0, 0.5) (0.5 would make the labels noise), got {self.label_smoothing}")
+        _check(self.label_smoothing == 0 or self.loss == "sigmoid", "label_smoothing",
+               f"is {self.label_smoothing} but only dpo.loss=sigmoid uses it (dpo.loss is {self.loss!r}); set it to 0")
+        _check(self.simpo_gamma >= 0, "simpo_gamma", f"must be >= 0, got {self.simpo_gamma}")
+
+
+@_section
 class PpoSection:
     """Step 3: PPO with a KL penalty to the reference (SFT) model."""
 
@@ -542,11 +568,11 @@ class PpoSection:
     epochs: int = 1
     # Generation batches collected per PPO step.
     generation_batches: int = 1
-    # Mini-batches per epoch (one optimizer step each).
+    # Mini-batches per epoch; optim.grad_accum consecutive mini-batches make one optimizer step.
     mini_batches: int = 1
     # Prompts per generation batch (global).
     rollout_batch_size: int = 16
-    # Weight of the per-token KL penalty in the reward.
+    # Weight of the per-token KL penalty in the reward; 0: no penalty, and the reference model is not loaded.
     kl_coef: float = 0.1
     # KL estimator: k1 = log(p/q); k3 = (q/p - 1) - log(q/p), non-negative, lower variance.
     kl_estimator: Literal["k1", "k3"] = "k1"
@@ -582,6 +608,10 @@ class PpoSection:
     vf_coef: float = 1.0
     # Prompts generated for evaluation at each eval.
     eval_prompts: int = 64
+    # Storage dtype of the frozen models (reference, reward): 'compute' stores their weights in
+    # precision.compute (half the bytes in bf16; nothing updates them, so no fp32 master copy); 'fp32'
+    # keeps them in fp32.
+    frozen_dtype: Literal["compute", "fp32"] = "compute"
 
     def __post_init__(self):
         _check_positive(self, "epochs", "generation_batches", "mini_batches", "rollout_batch_size",
@@ -596,6 +626,10 @@ class PpoSection:
         for name in ("gamma", "lam"):
             _check(0 <= getattr(self, name) <= 1, name, f"must be in [0, 1], got {getattr(self, name)}")
         _check(0 <= self.ema < 1, "ema", f"must be in [0, 1), got {self.ema}")
+        # The controller multiplies the coefficient: from 0 it never moves (and no reference is loaded).
+        _check(not (self.adaptive_kl and self.kl_coef == 0), "adaptive_kl",
+               "is on but ppo.kl_coef is 0, which the adaptive controller can never move (it scales the "
+               "coefficient); start from a ppo.kl_coef > 0 or turn adaptive_kl off")
 
 
 @_section
@@ -626,7 +660,7 @@ class PipelineSection:
     reward: tuple[str, ...] = ()
     # Overrides for step 3 (PPO).
     ppo: tuple[str, ...] = ()
-    # Held-out prompts sampled for the task-accuracy figures of summary.json (synthetic task).
+    # Held-out prompts sampled for the task-accuracy and reward-score figures of summary.json (synthetic task).
     eval_prompts: int = 256
 
     def __post_init__(self):
@@ -651,6 +685,7 @@ class RunConfig:
     sft: SftSection = _sub(SftSection)
     reward: RewardSection = _sub(RewardSection)
     ppo: PpoSection = _sub(PpoSection)
+    dpo: DpoSection = _sub(DpoSection)
     distributed: DistributedSection = _sub(DistributedSection)
     pipeline: PipelineSection = _sub(PipelineSection)
     # The run's seed (parameters, data order, sampling).

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxrl.errors import JaxrlError
+from jaxrl.io import read_json
 from jaxrl.optim import LossScaleConfig, accumulate
 from jaxrl.precision import loss_scaled, skip_nonfinite
 
@@ -191,18 +192,9 @@ def load(config: Mapping | str | os.PathLike) -> dict:
         return dict(config)
     if not isinstance(config, (str, os.PathLike)):
         raise JaxrlError(f"config must be a dict or the path of a DeepSpeed JSON file, got {type(config).__name__}")
-    try:
-        with open(config, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise JaxrlError(f"DeepSpeed config file '{config}' not found") from None
-    except OSError as e:
-        raise JaxrlError(f"cannot read DeepSpeed config file '{config}': {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise JaxrlError(f"DeepSpeed config file '{config}' is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise JaxrlError(f"DeepSpeed config file '{config}' must hold a JSON object, got {type(data).__name__}")
-    return data
+    if not os.path.isfile(config):
+        raise JaxrlError(f"DeepSpeed config file '{config}' not found")
+    return read_json(config, what="DeepSpeed config file", fix="repair it or give another --deepspeed file")
 
 
 def resolve_batch_sizes(train_batch_size: int | None, micro: int | None, accum: int | None,

@@ -213,3 +213,16 @@ def accumulate(tx: optax.GradientTransformation, every: int) -> optax.GradientTr
         return updates, state._replace(acc_grads=acc)
 
     return optax.GradientTransformation(multi.init, update)
+
+
+def window_grads(opt_state: Any, grads: Any) -> Any:
+    """The gradient of the accumulation window once ``grads`` joins it (before ``update``).
+
+    With ``grad_accum = k`` (a ``MultiSteps`` state holding the running mean ``acc`` of the window's
+    first ``n`` micro-batch gradients) this is ``acc + (grads - acc) / (n + 1)``; at the window's last
+    micro-batch it is the gradient the optimizer applies. Without accumulation it is ``grads``.
+    """
+    if not isinstance(opt_state, optax.MultiStepsState):
+        return grads
+    n = opt_state.mini_step.astype(jnp.float32)
+    return jax.tree.map(lambda a, g: a + (g - a) / (n + 1), opt_state.acc_grads, grads)

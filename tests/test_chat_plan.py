@@ -122,3 +122,16 @@ def test_new_configs_load(name):
         assert cfg.model.remat == "full"
     else:
         assert cfg.mesh.data == 8 and cfg.zero_stage == 2
+
+
+def test_plan_ppo_without_kl_has_no_reference_and_frozen_roles_in_bf16(monkeypatch, capsys):
+    """ppo.kl_coef=0: no reference row (the model is not loaded). bf16: the frozen reward model's resident
+    bytes are 2 per parameter, against the critic's 12 (fp32 master + AdamW's two fp32 moments, stage 0)."""
+    argv = ["--step", "ppo", "model.reward_path=tiny", "ppo.kl_coef=0", "precision.compute=bf16"]
+    rc, report, _ = plan_json(argv, monkeypatch, capsys)
+    roles = {r["role"]: r for r in report["roles"]}
+    assert rc == 0 and list(roles) == ["actor train step", "critic train step", "reward forward",
+                                       "generation prefill", "generation decode"]
+    critic, reward = roles["critic train step"]["resident"], roles["reward forward"]["resident"]
+    print(f"resident per device: critic {critic}, reward (bf16, frozen) {reward}")
+    assert 6 * reward <= critic < 6 * reward + 64  # + the optimizer's scalar counters

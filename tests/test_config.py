@@ -142,6 +142,9 @@ def test_file_errors(tmp_path):
     (["precision.loss_scale.hysteresis=0"], "precision.loss_scale.hysteresis must be"),
     (["ppo.ptx_coef=0.5"], "ppo.ptx_coef is 0.5 but data.ptx_path is empty"),
     (["distributed.num_processes=2", "distributed.process_id=2"], "distributed.process_id (2) must be <"),
+    (["ppo.adaptive_kl=true", "ppo.kl_coef=0"], "ppo.adaptive_kl is on but ppo.kl_coef is 0"),
+    (["model.logits_chunk=-1"], "model.logits_chunk must be >= 0, got -1"),
+    (["ppo.frozen_dtype=bf16"], "config key 'ppo.frozen_dtype' expects one of 'compute', 'fp32'"),
 ])
 def test_range_validation_names_the_field(overrides, message):
     with pytest.raises(JaxrlError) as e:

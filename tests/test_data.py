@@ -363,6 +363,22 @@ def test_iterator_limits():
         BatchIterator(numbered(8), batch_size=3).shard(0, 2)
 
 
+@pytest.mark.parametrize("n, batch, processes", [(13, 16, 1), (21, 8, 2), (16, 8, 1)])
+def test_eval_batches_pad_the_tail_and_mark_every_real_row_once(n, batch, processes):
+    shards = [BatchIterator(numbered(n), batch_size=batch, shuffle=False, num_epochs=1, pad_last=True)
+              .shard(p, processes) for p in range(processes)]
+    batches = [{k: np.concatenate([b[k] for b in parts]) for k in parts[0]} for parts in zip(*shards)]
+    assert len(batches) == -(-n // batch)
+    assert all(b["row"].shape == (batch,) and b["valid"].dtype == np.float32 for b in batches)
+    rows = np.concatenate([b["row"] for b in batches])
+    valid = np.concatenate([b["valid"] for b in batches])
+    np.testing.assert_array_equal(rows[valid == 1], np.arange(n))  # every row once, in order
+    assert valid.sum() == n and not valid[n:].any()
+    # Training batches still need the whole batch: a dataset smaller than one batch stays an error.
+    with pytest.raises(JaxrlError, match=f"{n} examples, fewer than train.batch_size=32"):
+        BatchIterator(numbered(n), batch_size=32)
+
+
 def test_real_parquet_file_reads_rows_with_their_row_numbers(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -101,6 +101,100 @@ def test_sft_loss_empty_slice_gives_zero_weight_not_nan(lm, sft_batch):
 # ------------------------------------------------------------------------------------- reward
 
 
+
+# ------------------------------------------------------------------------- LM head in chunks (big vocabularies)
+
+
+def _value_and_grads(loss_fn, chunk, batch, cfg=None, sharding=None):
+    """loss, metrics and d loss / d params of `loss_fn` on a tiny model whose LM head runs `chunk` positions
+    at a time (0: all at once), jitted; with `sharding`, the batch is placed on it (rows over 8 devices)."""
+    model = Transformer(cfg or preset("tiny"), rngs=nnx.Rngs(0), logits_chunk=chunk)
+    graphdef, params = nnx.split(model)
+    if sharding is not None:
+        batch = jax.device_put(batch, sharding)
+    fn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(nnx.merge(graphdef, p), b), has_aux=True))
+    (loss, metrics), grads = fn(params, batch)
+    return jax.device_get((loss, metrics, grads))
+
+
+def _actor_batch(rng, rows=4, prompt=3, response=6):
+    seq = rng.integers(0, 64, size=(rows, prompt + response)).astype(np.int32)
+    resp = np.array([[1] * response, [1] * 4 + [0] * 2, [1] * 5 + [0], [1] * 2 + [0] * 4], np.int32)[:rows]
+    ptx = rng.integers(0, 64, size=(rows, 7)).astype(np.int32)
+    return {"seq": seq, "attention_mask": np.concatenate([np.ones((rows, prompt), np.int32), resp], 1),
+            "response_mask": resp, "old_logprobs": rng.normal(-4, 0.5, (rows, response)).astype(np.float32),
+            "advantages": rng.normal(size=(rows, response)).astype(np.float32),
+            "ptx_input_ids": ptx, "ptx_attention_mask": np.ones_like(ptx), "ptx_loss_mask": np.ones_like(ptx),
+            "ptx_ratio": np.full((rows,), 0.7, np.float32)}
+
+
+ACTOR_LOSS = functools.partial(ppo.actor_loss, prompt_len=3, clip_ratio=0.2, entropy_coef=0.3, ptx_coef=0.5)
+
+
+@pytest.mark.parametrize("loss_name, chunk", [("sft", 4), ("sft", 1), ("actor", 4), ("actor", 5)])
+def test_chunked_lm_head_equals_one_pass(sft_batch, loss_name, chunk):
+    """SFT cross-entropy and accuracy, PPO log-probs, entropy and ptx loss: the same losses, metrics and
+    gradients whether the LM head runs over all positions at once or a chunk at a time (a last chunk
+    that is padded included)."""
+    if loss_name == "sft":
+        loss_fn, batch = sft_loss, sft_batch
+    else:
+        loss_fn, batch = ACTOR_LOSS, _actor_batch(np.random.default_rng(1))
+    want_loss, want_m, want_g = _value_and_grads(loss_fn, 0, batch)
+    got_loss, got_m, got_g = _value_and_grads(loss_fn, chunk, batch)
+    np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-6)
+    assert set(got_m) == set(want_m)
+    for k in want_m:
+        np.testing.assert_allclose(float(got_m[k]), float(want_m[k]), rtol=1e-6, atol=1e-7, err_msg=k)
+    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(want_g), jax.tree.leaves(got_g)):
+        scale = float(np.abs(want).max())
+        assert scale > 0, jax.tree_util.keystr(path)
+        assert float(np.abs(got - want).max()) <= 1e-6 * scale, jax.tree_util.keystr(path)
+
+
+def test_chunked_lm_head_under_a_sharded_batch_equals_one_device(sft_batch):
+    """Rows over 8 devices (GSPMD, as the PPO scoring forwards run): the chunk map keeps the numbers."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    batch = {k: np.tile(v, (2, 1)) for k, v in sft_batch.items()}  # 8 rows
+    want_loss, _, want_g = _value_and_grads(sft_loss, 0, batch)
+    with jax.set_mesh(mesh):
+        got_loss, _, got_g = _value_and_grads(sft_loss, 2, batch, sharding=NamedSharding(mesh, P("data")))
+    np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-6)
+    for want, got in zip(jax.tree.leaves(want_g), jax.tree.leaves(got_g)):
+        assert float(np.abs(got - want).max()) <= 1e-6 * float(np.abs(want).max())
+
+
+def test_chunked_lm_head_cuts_the_compiled_temporaries_by_the_chunk_factor():
+    """V = 32768, T = 64, 8 rows on a tiny model: the (B, T, V) fp32 logits (64 MiB) dominate XLA's
+    temporaries; in chunks of 8 positions only one chunk's logits exist, in the SFT gradient step and in
+    the reference forward (PPO log-probs)."""
+    cfg = preset("tiny", vocab_size=32768, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+                 intermediate_size=64)
+    rows, length, chunk = 8, 64, 8
+    ids = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+    batch = {"input_ids": ids, "attention_mask": ids, "loss_mask": ids}
+
+    def temporaries(logits_chunk):
+        graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0),
+                                                                         logits_chunk=logits_chunk)))
+        step = jax.jit(jax.grad(lambda p, b: sft_loss(nnx.merge(graphdef, p), b)[0]))
+        forward = jax.jit(lambda p, b: ppo.response_logprobs(nnx.merge(graphdef, p), b["input_ids"],
+                                                             b["attention_mask"], 1)[0])
+        return [f.lower(params, batch).compile().memory_analysis().temp_size_in_bytes for f in (step, forward)]
+
+    (step_full, fwd_full), (step_chunked, fwd_chunked) = temporaries(0), temporaries(chunk)
+    factor = length // chunk
+    print(f"temporaries, one pass -> chunks of {chunk}: SFT gradient step {step_full / 2**20:.2f} -> "
+          f"{step_chunked / 2**20:.2f} MiB, forward {fwd_full / 2**20:.2f} -> {fwd_chunked / 2**20:.2f} MiB")
+    logits = rows * (length - 1) * cfg.vocab_size * 4  # (B, T - 1, V) fp32: every position with a target
+    assert fwd_full >= logits and step_full >= logits  # the one-pass programs hold the whole batch's logits
+    assert fwd_full / fwd_chunked > 0.75 * factor
+    # The gradient step keeps the head's (V, E) gradient accumulator besides its two chunk-sized buffers.
+    assert step_full / step_chunked > 0.5 * factor
+
+
 @pytest.fixture(scope="module")
 def rm():
     return ScoreModel(preset("tiny"), rngs=nnx.Rngs(1))

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import hf_fixtures as fx
@@ -132,3 +133,44 @@ def test_sharded_safetensors_index_loads(hf_models, tmp_path):
     os.remove(tmp_path / sorted(n for n in os.listdir(tmp_path) if n.endswith(".safetensors"))[0])
     with pytest.raises(JaxrlError, match="which is missing"):
         load_pretrained(str(tmp_path))
+
+
+def test_a_frozen_model_is_read_slice_by_slice_into_bf16(hf_models, monkeypatch):
+    """param_dtype=bf16 (PPO's reference and reward models): each device's slice of the checkpoint is cast
+    as it is read, the per-device bytes halve, and the bf16-compute forward equals that of the same model
+    stored in fp32 within bf16 rounding."""
+    from jaxrl.models import hf
+
+    directory, _ = hf_models["llama"]
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    sh = model_shardings(shard_params=True)
+    reads, real = [], jax.make_array_from_callback
+
+    def recording(shape, sharding, callback):
+        def read(index):
+            piece = callback(index)
+            reads.append((tuple(shape), piece.shape, piece.dtype))
+            return piece
+        return real(shape, sharding, read)
+
+    with jax.set_mesh(mesh):
+        master = load_pretrained(directory, dtype=jnp.bfloat16, shardings=sh)
+        monkeypatch.setattr(hf.jax, "make_array_from_callback", recording)
+        frozen = load_pretrained(directory, dtype=jnp.bfloat16, shardings=sh, param_dtype=jnp.bfloat16)
+    assert reads and all(dtype == jnp.bfloat16 for _, _, dtype in reads)
+    assert any(piece != full for full, piece, _ in reads)  # per-device slices, not whole tensors
+    master_p, frozen_p = (jax.tree.leaves(nnx.state(m, nnx.Param)) for m in (master, frozen))
+    assert {x.dtype for x in master_p} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in frozen_p} == {jnp.dtype(jnp.bfloat16)}
+    per_device = lambda leaves: sum(x.addressable_shards[0].data.nbytes for x in leaves)  # noqa: E731
+    print(f"per-device parameter bytes: fp32 {per_device(master_p)}, bf16 {per_device(frozen_p)}")
+    assert 2 * per_device(frozen_p) == per_device(master_p)
+    for m, f in zip(master_p, frozen_p):  # the same weights, rounded once
+        np.testing.assert_array_equal(np.asarray(f), np.asarray(m.astype(jnp.bfloat16)))
+    ids, mask = fx.padded_batch()
+    with jax.set_mesh(mesh):
+        want, got = (np.asarray(jax.jit(lambda i, a, m=m: m(i, a))(jnp.asarray(ids), jnp.asarray(mask)))
+                     for m in (master, frozen))
+    diff = _rel_diff(got, want, mask)
+    print(f"bf16-stored vs fp32-stored forward in bf16 compute: max |diff| / max |ref| = {diff:.2e}")
+    assert diff < 2e-2

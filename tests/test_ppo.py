@@ -7,6 +7,7 @@ import os
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -14,6 +15,7 @@ from jaxrl import cli, generation
 from jaxrl.algorithms import ppo_trainer
 from jaxrl.config import load_config
 from jaxrl.data import synthetic
+from jaxrl.errors import JaxrlError
 from jaxrl.models.hf import load_pretrained, save_pretrained
 from jaxrl.models.transformer import ScoreModel, Transformer
 from jaxrl.parallel.mesh import make_mesh
@@ -207,3 +209,111 @@ def test_ppo_exports_load_in_transformers(one_device, eight_devices):
     q = AutoModelForCausalLM.from_pretrained(str(out / "hf")).model.layers[0].self_attn.q_proj.weight.detach().numpy()
     want = final["actor"].params["layers"]["attn"]["q"]["kernel"][0].T
     np.testing.assert_allclose(q, want, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_accum_schedule_counts_optimizer_updates(root):
+    """optim.grad_accum=2 over epochs x mini-batches = 4 mini-batch steps: 2 optimizer updates per PPO step,
+    and the LR schedule is exactly that long (the schedule's end value is reached at the run's last update)."""
+    base = [*overrides(root), "mesh.data=1", "generation.mesh.data=1", "generation.mesh.tensor=1",
+            "train.steps=1", "ppo.generation_batches=1", "ppo.epochs=2", "ppo.mini_batches=2", "ppo.ema=0",
+            "ppo.ptx_coef=0", "optim.grad_accum=2", "ppo.eval_prompts=0"]
+    cfg = load_config(None, base)
+    assert ppo_trainer.total_updates(cfg) == 2
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    roles = ppo_trainer.load_roles(cfg, mesh)
+    prompts, _, _ = ppo_trainer.load_prompts(cfg, roles.tokenizer)
+    trainer = ppo_trainer.PPO(cfg, mesh, roles, prompts, None, None)
+    state, _ = trainer.update(trainer.init_state(), 1)
+    for role in ("actor", "critic"):
+        opt_state = jax.device_get(state[role].opt_state)
+        assert int(state[role].step) == 4 and int(opt_state.gradient_step) == 2  # micro-steps, updates
+        counts = {int(c) for _, c in optax.tree_utils.tree_get_all_with_path(opt_state.inner_opt_state, "count")}
+        assert counts == {ppo_trainer.total_updates(cfg)}  # the schedule's length: its last update ends it
+
+    with pytest.raises(JaxrlError, match=r"ppo.epochs x ppo.mini_batches = 2 .* multiple of optim.grad_accum=4"):
+        ppo_trainer.total_updates(load_config(None, [*base, "ppo.epochs=1", "optim.grad_accum=4"]))
+
+
+def test_eval_uses_every_held_out_prompt(root, one_device):
+    """13 held-out prompts with ppo.rollout_batch_size=16 (was: "the dataset has 13 examples, fewer than
+    train.batch_size=16"): greedy eval metrics equal those of one unpadded batch of exactly those prompts."""
+    from jaxrl.data.formats import PromptRecord
+    from jaxrl.data.tokenize import Encoder, tokenize_prompts
+
+    roles, mesh = one_device["roles"], one_device["mesh"]
+    rows13 = synthetic.make_task_rows(13, seed=5, kind="prompt", held_out=True)
+    evals = tokenize_prompts([PromptRecord(r["prompt"], None, str(i)) for i, r in enumerate(rows13)],
+                             Encoder.from_tokenizer(roles.tokenizer), max_prompt_len=8).arrays
+    got = {}
+    for rows in (16, 13):
+        cfg = load_config(None, [*overrides(root), "mesh.data=1", "generation.mesh.data=1", "generation.mesh.tensor=1",
+                                 f"ppo.rollout_batch_size={rows}", "ppo.mini_batches=1", "ppo.eval_prompts=64"])
+        prompts, _, _ = ppo_trainer.load_prompts(cfg, roles.tokenizer)
+        trainer = ppo_trainer.PPO(cfg, mesh, roles, prompts, evals, None)
+        got[rows] = trainer.evaluate(one_device["state"], temperature=0.0)
+    assert set(got[16]) == {"score", "task_accuracy"}
+    assert got[16]["task_accuracy"] == got[13]["task_accuracy"]
+    assert got[16]["score"] == pytest.approx(got[13]["score"], rel=1e-5)
+
+
+def _single_update_cfg(root, *extra):
+    """One small PPO step: one generation batch, one epoch, one mini-batch, no EMA, no ptx, a fixed KL."""
+    return load_config(None, overrides(root) + ["mesh.data=1", "generation.mesh.data=1", "generation.mesh.tensor=1",
+                                                "ppo.generation_batches=1", "ppo.epochs=1", "ppo.mini_batches=1",
+                                                "ppo.ema=0", "ppo.ptx_coef=0", "ppo.adaptive_kl=false", *extra])
+
+
+def _per_device_bytes(tree):
+    return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
+
+
+def _abstract_bytes(tree):
+    """Per-device bytes of a tree of sharded ShapeDtypeStructs."""
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def test_frozen_roles_are_stored_in_the_compute_dtype(root):
+    """bf16 compute under ZeRO-3 over 8 devices: the reference and reward models hold bf16 weights (half the
+    per-device bytes of the fp32 actor and critic masters, same architectures); ppo.frozen_dtype=fp32 keeps fp32."""
+    mesh = make_mesh(1, 8, 1)
+    common = ["precision.compute=bf16", "mesh.fsdp=8", "zero_stage=3", "generation.mesh.data=-1"]
+    for frozen_dtype, want in (("compute", np.dtype("bfloat16")), ("fp32", np.dtype("float32"))):
+        roles = ppo_trainer.load_roles(_single_update_cfg(root, *common, f"ppo.frozen_dtype={frozen_dtype}"), mesh)
+        actor, critic = roles.actor.abstract_state().params, roles.critic.abstract_state().params
+        assert {x.dtype for x in jax.tree.leaves(actor) + jax.tree.leaves(critic)} == {np.dtype("float32")}
+        ref, reward = roles.ref[1], roles.reward[1]
+        assert {x.dtype for x in jax.tree.leaves(ref) + jax.tree.leaves(reward)} == {want}
+        ratio = want.itemsize / 4
+        sizes = {name: _per_device_bytes(tree) for name, tree in (("reference", ref), ("reward", reward))}
+        print(f"ppo.frozen_dtype={frozen_dtype}: per-device bytes {sizes}")
+        assert sizes["reference"] == ratio * _abstract_bytes(actor)
+        assert sizes["reward"] == ratio * _abstract_bytes(critic)
+
+
+def test_kl_coef_zero_loads_no_reference_and_trains_as_with_one(root):
+    """ppo.kl_coef=0: no reference model; one PPO step gives the actor and critic that a run with a
+    reference (here a different random model, so its KL is not 0) gives at coefficient 0."""
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    cfg = _single_update_cfg(root, "ppo.kl_coef=0")
+    results = {}
+    for with_ref in (False, True):
+        roles = ppo_trainer.load_roles(cfg, mesh)
+        assert roles.ref is None
+        if with_ref:  # what the code did before: a reference loaded and scored at coefficient 0
+            with jax.set_mesh(mesh):
+                roles.ref = nnx.split(Transformer(roles.arch, rngs=nnx.Rngs(9)))
+        prompts, eval_prompts, _ = ppo_trainer.load_prompts(cfg, roles.tokenizer)
+        trainer = ppo_trainer.PPO(cfg, mesh, roles, prompts, eval_prompts, None)
+        state, metrics = trainer.update(trainer.init_state(), 1)
+        results[with_ref] = (jax.device_get(state), metrics, trainer)
+    (without, m0, trainer), (with_ref, m1, _) = results[False], results[True]
+    assert m0["kl"] == 0.0 and m1["kl"] != 0.0  # the reference was scored, and differed from the actor
+    for k in m0:
+        if k not in ("kl",) and not k.startswith("time/"):
+            assert m0[k] == m1[k], k
+    for role in ("actor", "critic"):
+        for x, y in zip(jax.tree.leaves(without[role].params), jax.tree.leaves(with_ref[role].params)):
+            np.testing.assert_array_equal(x, y)
+    # Resuming such a run from a checkpoint whose coefficient is not 0 would need the missing reference.
+    with pytest.raises(JaxrlError, match="loaded no reference model"):
+        trainer.restore_data(dict(trainer.data_state(), kl_coef=0.1))

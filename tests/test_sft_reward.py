@@ -320,3 +320,60 @@ def test_eval_reward_missing_inputs(runs, tmp_path, capsys):
     assert "data file" in capsys.readouterr().err
     assert jaxrl("eval-reward", "--model", runs["sft"] / "hf", "--data", pairs) == 1  # a causal LM
     assert "no score head" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- accumulation
+@pytest.mark.parametrize("command", ["sft", "reward"])
+def test_accumulated_step_logs_the_metrics_of_one_big_batch(command, tmp_path):
+    """optim.grad_accum=2 over two micro-batches of 8 rows logs what one step on those 16 rows logs."""
+    logged = {}
+    for accum in (1, 2):
+        out = tmp_path / f"accum{accum}"
+        assert jaxrl(command, "--config", TINY, "--output", out, *SHAPES, "train.steps=1", "train.log_every=1",
+                     "train.eval_every=0", f"optim.grad_accum={accum}", "seed=3") == 0
+        logged[accum] = next(r for r in read_metrics(out) if "loss" in r)
+    one, acc = logged[1], logged[2]
+    keys = {"loss", "accuracy"} | ({"chosen_score", "rejected_score", "margin"} if command == "reward" else set())
+    assert keys <= set(acc)
+    for key in sorted(keys):
+        assert acc[key] == pytest.approx(one[key], abs=1e-6), key
+    if command == "reward":  # equal weights (rows), so the window's mean gradient is the big batch's
+        assert acc["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+@pytest.mark.parametrize("command", ["sft", "reward"])
+@pytest.mark.parametrize("n, rows", [(13, 16), (21, 8)])
+def test_eval_uses_every_held_out_row_at_any_size(command, n, rows):
+    """Eval metrics over n held-out rows in padded batches of `rows` on 8 devices equal the loss function's
+    metrics on one unpadded batch of exactly those n rows."""
+    import functools
+
+    from jaxrl.algorithms.reward import reward_loss
+    from jaxrl.algorithms.sft import sft_loss
+    from jaxrl.commands.train import evaluate_rows
+    from jaxrl.config import load_config
+    from jaxrl.parallel.mesh import make_mesh
+    from jaxrl.train import build
+
+    cfg = load_config(TINY, SHAPES)
+    tok = synthetic.build_tokenizer()
+    enc = Encoder.from_tokenizer(tok)
+    if command == "sft":
+        data = synthetic.make_task_rows(n, seed=4, kind="sft", held_out=True)
+        records = [PromptRecord(r["prompt"], r["response"], str(i)) for i, r in enumerate(data)]
+        arrays, kind, loss = tokenize_sft(records, enc, max_len=16, max_prompt_len=8).arrays, "causal_lm", sft_loss
+    else:
+        data = synthetic.make_task_rows(n, seed=4, kind="preference", held_out=True)
+        arrays, kind = tokenize_pairs(_pairs(data), enc, max_len=16, max_prompt_len=8).arrays, "score"
+        loss = functools.partial(reward_loss, required_margin=0.0)
+    assert len(next(iter(arrays.values()))) == n
+    mesh = make_mesh(8, 1, 1)
+    model, layout = build.build_model(build.spec_from(cfg, kind=kind), build.model_arch("tiny", tok), mesh, 0)
+    trainer = build.make_trainer(cfg, mesh, model, layout, loss)
+    state = trainer.init_state()
+    got = evaluate_rows(trainer, state, arrays, rows)
+    _, want = jax.jit(loss)(trainer.model(jax.device_get(state)), arrays)  # one batch of the n rows, one device
+    assert set(got) == set(want) - {"weight"}
+    for key in sorted(got):
+        assert got[key] == pytest.approx(float(want[key]), rel=1e-5, abs=1e-6), key

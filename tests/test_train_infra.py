@@ -78,6 +78,93 @@ def test_tensorboard_and_plots(tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def _reject_constant(name):
+    raise ValueError(f"{name} is not JSON (RFC 8259)")
+
+
+def _strict_lines(path):
+    """Each line parsed the way jq and JSON.parse do: NaN and +-Infinity are errors, not numbers."""
+    with open(path) as f:
+        return [json.loads(line, parse_constant=_reject_constant) for line in f]
+
+
+def _tensorboard_scalars(directory):
+    """{tag: [(step, value), ...]} read back from tensorboardX event files (TFRecord framing: u64 length,
+    u32 length crc, the Event proto, u32 data crc)."""
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for path in sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset < len(data):
+            (length,) = np.frombuffer(data[offset:offset + 8], "<u8")
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + int(length)])
+            offset += 12 + int(length) + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_non_finite_metrics_are_null_in_strict_json_and_missing_in_tensorboard(tmp_path):
+    writer = MetricsWriter(tmp_path, enabled=True)
+    writer.write(1, {"loss": 2.0, "grad_norm": 1.5, "skipped_steps": 0})
+    # What a skipped fp16 step logs: a NaN gradient norm (a jax scalar), an infinite loss.
+    writer.write(2, {"loss": np.float32("inf"), "grad_norm": jnp.float32(jnp.nan), "skipped_steps": 1})
+    writer.write(3, {"loss": 1.0, "grad_norm": -np.inf, "skipped_steps": 1})
+    writer.close()
+    lines = _strict_lines(tmp_path / "metrics.jsonl")
+    assert lines[1] == {"step": 2, "loss": None, "grad_norm": None, "skipped_steps": 1}
+    assert lines[2] == {"step": 3, "loss": 1.0, "grad_norm": None, "skipped_steps": 1}
+    tb = _tensorboard_scalars(tmp_path / "tensorboard")
+    assert tb["loss"] == [(1, 2.0), (3, 1.0)]
+    assert tb["grad_norm"] == [(1, 1.5)]
+    assert tb["skipped_steps"] == [(1, 0.0), (2, 1.0), (3, 1.0)]
+
+
+def test_plot_leaves_a_gap_at_a_null_step(tmp_path):
+    from jaxrl.train.metrics import _figure
+
+    writer = MetricsWriter(tmp_path, enabled=True, tensorboard=False)
+    for step, norm in [(1, 1.0), (2, float("nan")), (3, 3.0), (4, 4.0)]:
+        writer.write(step, {"grad_norm": norm})
+    writer.write(4, {"eval/loss": 0.5})  # a line without grad_norm: not part of its curve, not a gap
+    assert len(writer.plot()) == 2
+    writer.close()
+    (line,) = _figure(read_metrics(tmp_path), "grad_norm").axes[0].lines
+    drawn = line.get_path().cleaned(remove_nans=True)  # the path the Agg renderer strokes
+    np.testing.assert_array_equal(drawn.vertices[:-1], [[1, 1], [3, 3], [4, 4]])
+    # MOVETO at step 3: the line stops at step 1 and starts again at 3, nothing drawn at step 2.
+    np.testing.assert_array_equal(drawn.codes[:-1], [drawn.MOVETO, drawn.MOVETO, drawn.LINETO])
+
+
+def test_truncate_after_rewrites_an_old_nan_line_as_null(tmp_path):
+    with open(tmp_path / "metrics.jsonl", "w") as f:  # written before the writer was strict
+        f.write('{"step": 1, "grad_norm": NaN}\n{"step": 2, "grad_norm": Infinity}\n')
+    writer = MetricsWriter(tmp_path, enabled=True, tensorboard=False)
+    writer.truncate_after(1)
+    writer.close()
+    assert _strict_lines(tmp_path / "metrics.jsonl") == [{"step": 1, "grad_norm": None}]
+
+
+def test_strict_json_nulls_nested_non_finite_values_and_refuses_what_it_cannot_clean():
+    from jaxrl.train.metrics import strict_json
+
+    text = strict_json({"ppo": {"kl": np.float32("nan"), "curve": [1.0, float("-inf")]}, "n": 3}, indent=2)
+    assert json.loads(text, parse_constant=_reject_constant) == {"ppo": {"kl": None, "curve": [1.0, None]}, "n": 3}
+    with pytest.raises(ValueError, match="JSON compliant"):  # allow_nan=False: a NaN that got through raises
+        strict_json({"x": np.array([np.nan])}, default=lambda a: a.tolist())
+
+
+def test_pipeline_summary_json_is_strict(tmp_path):
+    from jaxrl.commands.pipeline import _write_json
+
+    _write_json(str(tmp_path / "summary.json"), {"ppo": {"kl": float("nan"), "task_accuracy_after": 0.5}})
+    with open(tmp_path / "summary.json") as f:
+        assert json.load(f, parse_constant=_reject_constant) == {"ppo": {"kl": None, "task_accuracy_after": 0.5}}
+
+
 def test_disabled_writer_writes_nothing(tmp_path):
     writer = MetricsWriter(tmp_path / "run", enabled=False)
     writer.write(1, {"loss": 1.0})

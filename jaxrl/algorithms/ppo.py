@@ -1,12 +1,12 @@
 """Step 3, PPO (InstructGPT / DeepSpeed-Chat step 3): the math as small pure functions.
 
 Layout the step code follows. A rollout row is a left-padded prompt (P columns) followed by the
-generated response (R columns, right-padded after its EOS). `token_logprobs(logits, seq)` gives
-(B, P + R - 1) values where column t scores token t + 1, so the response's per-token quantities are
-the columns `[P - 1:]`, shape (B, R): log-probs of actor, old actor and reference; critic values
-`critic(seq)[:, P - 1:-1]` (the value of the state just before each response token); and
-`mask = response attention mask` (1 on every generated token up to and including EOS, 0 after).
-Every function below takes such (B, R) arrays and a 0/1 `mask`; masked positions are ignored.
+generated response (R columns, right-padded after its EOS). Position t's logits score token t + 1, so
+the response's per-token quantities come from positions `[P - 1, P + R - 1)`, shape (B, R): log-probs
+of actor, old actor and reference; critic values `critic(seq)[:, P - 1:-1]` (the value of the state
+just before each response token); and `mask = response attention mask` (1 on every generated token
+up to and including EOS, 0 after). Every function below takes such (B, R) arrays and a 0/1 `mask`;
+masked positions are ignored.
 
 Every loss returns `(loss, metrics)` with `metrics["weight"]` = the number of tokens it averaged over,
 so the data-parallel step's sum(loss * weight) / sum(weight) equals the one-device loss.
@@ -241,10 +241,9 @@ def entropy_from_logits(logits, mask):
     Returns:
       scalar fp32.
     """
-    logits = logits.astype(jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1)
-    entropy = jax.nn.logsumexp(logits, axis=-1) - jnp.sum(probs * logits, axis=-1)  # (B, T)
-    return masked_mean(entropy, mask)
+    from jaxrl.algorithms.sft import token_entropy
+
+    return masked_mean(token_entropy(logits), mask)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -285,12 +284,18 @@ def ema_update(ema_params, params, decay):
 # `advantages`, `returns` (B, R). P is static: it is the prompts' padded width.
 
 
-def response_logprobs(model, seq, attention_mask, prompt_len: int):
-    """(B, R) log-probs of the response tokens under a causal LM, and its logits (B, R, V)."""
-    from jaxrl.algorithms.sft import token_logprobs
+def response_logprobs(model, seq, attention_mask, prompt_len: int, *, entropy: bool = False):
+    """(B, R) log-probs of the response tokens under a causal LM, and with `entropy` their (B, R)
+    next-token entropies (else None).
 
-    logits = model(seq, attention_mask)
-    return token_logprobs(logits, seq)[:, prompt_len - 1:], logits[:, prompt_len - 1:-1]
+    Only the R response positions go through the LM head, a chunk of them at a time
+    (`sft.head_stats`): no (B, P + R, V) logits exist.
+    """
+    from jaxrl.algorithms.sft import head_stats
+
+    hidden = model.features(seq, attention_mask)  # (B, P + R, E)
+    stats = head_stats(model, hidden[:, prompt_len - 1:-1], seq[:, prompt_len:], entropy=entropy)
+    return stats["logp"], stats.get("entropy")
 
 
 def response_values(critic, seq, attention_mask, prompt_len: int):
@@ -322,10 +327,13 @@ def experience(actor, ref, critic, reward, batch, *, prompt_len: int, kl_coef, k
     scores are standardised by the running statistics including this batch before they are clipped to
     +-clip_reward, so the clip keeps its meaning whatever scale the reward model learned; the updated
     statistics come back in the metrics (`score_count`, `score_mean`, `score_m2`).
+
+    `ref=None` (no reference model, when the KL coefficient is 0): the KL term and the `kl` metric are
+    0 and no `ref_logprobs` come back; every other output is what a reference would have given.
     """
     seq, attn, mask = batch["seq"], batch["attention_mask"], batch["response_mask"]
     old, _ = response_logprobs(actor, seq, attn, prompt_len)
-    ref_lp, _ = response_logprobs(ref, seq, attn, prompt_len)
+    ref_lp = None if ref is None else response_logprobs(ref, seq, attn, prompt_len)[0]
     values = response_values(critic, seq, attn, prompt_len)
     score = reward.sequence_score(seq, attn)
     last = jnp.take_along_axis(seq[:, prompt_len:], jnp.maximum(mask.sum(1) - 1, 0)[:, None], axis=1)[:, 0]
@@ -335,14 +343,15 @@ def experience(actor, ref, critic, reward, batch, *, prompt_len: int, kl_coef, k
         score_stats = update_moments(score_stats, score.astype(jnp.float32))
         count, mean, m2 = score_stats
         score = (score - mean) / jnp.sqrt(m2 / jnp.maximum(count - 1.0, 1.0) + 1e-8)
-    kl = kl_penalty(old, ref_lp, kl_estimator)
+    kl = jnp.zeros_like(old) if ref is None else kl_penalty(old, ref_lp, kl_estimator)
     rewards = shaped_rewards(score, kl, mask, kl_coef=kl_coef, clip_reward=clip_reward, ended=ended)
     advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=lam)
     if whiten_advantages:
         advantages = whiten(advantages, mask)
     maskf = mask.astype(jnp.float32)
-    out = dict(batch, old_logprobs=old, ref_logprobs=ref_lp, old_values=values, advantages=advantages,
-               returns=returns)
+    out = dict(batch, old_logprobs=old, old_values=values, advantages=advantages, returns=returns)
+    if ref is not None:
+        out["ref_logprobs"] = ref_lp
     metrics = {
         "reward/score": jnp.mean(raw_score),
         "reward/mean": jnp.mean(rewards.sum(1)),
@@ -364,9 +373,9 @@ def actor_loss(model, batch, *, prompt_len: int, clip_ratio: float, entropy_coef
     from jaxrl.algorithms.sft import sft_loss
 
     mask = batch["response_mask"]
-    logprobs, logits = response_logprobs(model, batch["seq"], batch["attention_mask"], prompt_len)
+    logprobs, entropies = response_logprobs(model, batch["seq"], batch["attention_mask"], prompt_len, entropy=True)
     loss, metrics = policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask, clip_ratio=clip_ratio)
-    entropy = entropy_from_logits(logits, mask)
+    entropy = masked_mean(entropies, mask)
     loss = loss - entropy_coef * entropy
     metrics = dict(metrics, entropy=entropy)
     if ptx_coef > 0 and "ptx_input_ids" in batch:

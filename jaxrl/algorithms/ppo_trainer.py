@@ -36,11 +36,12 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Roles:
-    """The four models: two trained (actor, critic: Trainers) and two frozen (reference, reward)."""
+    """The models: two trained (actor, critic: Trainers) and two frozen (reference, reward), the frozen
+    ones stored in the compute dtype (`build.frozen_spec`)."""
 
     actor: object
     critic: object
-    ref: tuple  # (graphdef, state)
+    ref: tuple | None  # (graphdef, state); None when ppo.kl_coef is 0 (see needs_reference)
     reward: tuple
     hybrid: HybridEngine
     arch: object
@@ -53,6 +54,7 @@ def load_roles(cfg: RunConfig, mesh) -> Roles:
     if not reward_path:
         raise JaxrlError("ppo needs model.reward_path: the HF directory written by `jaxrl reward` (its hf/)")
     critic_path = cfg.model.critic_path or reward_path
+    updates = total_updates(cfg)  # checks the accumulation fits before anything is built
     tok = build.load_tokenizer(cfg.model.path)
     arch = build.model_arch(cfg.model.path, tok)
     stage = cfg.zero_stage
@@ -60,16 +62,17 @@ def load_roles(cfg: RunConfig, mesh) -> Roles:
     actor, layout = build.build_model(build.spec_from(cfg), arch, mesh, stage)
     actor_loss = functools.partial(ppo.actor_loss, prompt_len=cfg.data.max_prompt_len, clip_ratio=p.clip_ratio,
                                    entropy_coef=p.entropy_coef, ptx_coef=p.ptx_coef)
-    actor_trainer = build.make_trainer(cfg, mesh, actor, layout, actor_loss, total_steps=total_updates(cfg))
-    frozen = dataclasses.replace(build.spec_from(cfg), lora_rank=0, remat="none")
+    actor_trainer = build.make_trainer(cfg, mesh, actor, layout, actor_loss, total_steps=updates)
     critic_spec = dataclasses.replace(build.spec_from(cfg, critic_path, kind="score"), lora_rank=0)
     critic, critic_layout = build.build_model(critic_spec, build.model_arch(critic_path, tok), mesh, stage)
     critic_loss = functools.partial(ppo.critic_loss, prompt_len=cfg.data.max_prompt_len, value_clip=p.value_clip,
                                     vf_coef=p.vf_coef)
     critic_trainer = build.make_trainer(cfg, mesh, critic, critic_layout, critic_loss, lr=p.critic_lr,
-                                        total_steps=total_updates(cfg), lora=False)
-    ref, _ = build.build_model(frozen, arch, mesh, stage)
-    reward_spec = dataclasses.replace(frozen, path=reward_path, kind="score")
+                                        total_steps=updates, lora=False)
+    ref = None
+    if needs_reference(cfg):
+        ref = nnx.split(build.build_model(build.frozen_spec(cfg), arch, mesh, stage)[0])
+    reward_spec = build.frozen_spec(cfg, reward_path, kind="score")
     reward, _ = build.build_model(reward_spec, build.model_arch(reward_path, tok), mesh, stage)
     gen_dtype = dtype_of(cfg.generation.dtype)
     hybrid = HybridEngine(
@@ -78,12 +81,30 @@ def load_roles(cfg: RunConfig, mesh) -> Roles:
         generation_mesh(cfg.generation.mesh.data, cfg.generation.mesh.tensor, devices=mesh.devices.flatten()),
         gen_dtype,
     )
-    return Roles(actor_trainer, critic_trainer, nnx.split(ref), nnx.split(reward), hybrid, arch, tok)
+    return Roles(actor_trainer, critic_trainer, ref, nnx.split(reward), hybrid, arch, tok)
+
+
+def needs_reference(cfg: RunConfig) -> bool:
+    """Whether PPO loads the reference model: only its KL penalty reads it, so not when ppo.kl_coef is 0.
+    The adaptive controller cannot move a 0 coefficient (it multiplies it), and the config refuses
+    adaptive_kl with kl_coef 0, so a run that starts without the reference never needs it."""
+    return cfg.ppo.kl_coef != 0
 
 
 def total_updates(cfg: RunConfig) -> int:
+    """Optimizer updates of the actor (and of the critic) over the run, the length of their LR schedule.
+
+    Each PPO step runs `epochs * mini_batches` micro-batch steps and `optim.grad_accum` of them make one
+    optimizer update, so that count must divide evenly: a window never spans two PPO steps (it would mix
+    gradients of two rollouts and leave a partial window at the end of the run).
+    """
     p = cfg.ppo
-    return cfg.train.steps * p.epochs * p.mini_batches
+    micro = p.epochs * p.mini_batches
+    if micro % cfg.optim.grad_accum:
+        raise JaxrlError(f"ppo.epochs x ppo.mini_batches = {micro} mini-batch steps per PPO step must be a multiple "
+                         f"of optim.grad_accum={cfg.optim.grad_accum} (each optimizer update accumulates that many "
+                         "mini-batches): change one of them")
+    return cfg.train.steps * micro // cfg.optim.grad_accum
 
 
 def sampler(cfg: RunConfig, roles: Roles, *, temperature=None) -> SamplerConfig:
@@ -133,6 +154,9 @@ class PPO:
     def restore_data(self, d: dict) -> None:
         self.prompts.restore(d["prompts"])
         self.kl_coef = float(d["kl_coef"])
+        if self.roles.ref is None and self.kl_coef != 0:
+            raise JaxrlError(f"the checkpoint's KL coefficient is {self.kl_coef}, but ppo.kl_coef=0 loaded no "
+                             f"reference model; resume with the ppo.kl_coef the run started with")
         self.score_stats = tuple(float(x) for x in d.get("score_stats", self.score_stats))
         if self.ptx and d.get("ptx"):
             self.ptx.restore(d["ptx"])
@@ -188,8 +212,9 @@ class PPO:
         a, c = state["actor"], state["critic"]
         with jax.set_mesh(self.mesh):
             stats = tuple(jnp.float32(x) for x in self.score_stats) if self.cfg.ppo.normalize_reward else None
-            return settle(self._experience(a.params, a.frozen, self.roles.ref[1], c.params, c.frozen,
-                                           self.roles.reward[1], batch, jnp.float32(self.kl_coef), stats))
+            ref = None if self.roles.ref is None else self.roles.ref[1]
+            return settle(self._experience(a.params, a.frozen, ref, c.params, c.frozen, self.roles.reward[1], batch,
+                                           jnp.float32(self.kl_coef), stats))
 
     def _experience_fn(self, actor_params, actor_frozen, ref_state, critic_params, critic_frozen, reward_state,
                        batch, kl_coef, score_stats):
@@ -198,7 +223,7 @@ class PPO:
         rows = P(DATA_AXES)
         return ppo.experience(
             shard_activations(nnx.merge(r.actor.graphdef, actor_params, actor_frozen), rows),
-            shard_activations(nnx.merge(r.ref[0], ref_state), rows),
+            None if ref_state is None else shard_activations(nnx.merge(r.ref[0], ref_state), rows),
             shard_activations(nnx.merge(r.critic.graphdef, critic_params, critic_frozen), rows),
             shard_activations(nnx.merge(r.reward[0], reward_state), rows),
             batch, prompt_len=self.cfg.data.max_prompt_len, kl_coef=kl_coef, kl_estimator=p.kl_estimator,
@@ -223,13 +248,18 @@ class PPO:
                         state["ema"] = self._ema(state["ema"], state["actor"].params)
                     actor_m.append(am)
                     critic_m.append(cm)
-        actor_m = build.weighted_mean([jax.device_get(m) for m in actor_m])
-        critic_m = build.weighted_mean([jax.device_get(m) for m in critic_m])
+        actor_m, critic_m = self._per_update(actor_m), self._per_update(critic_m)
         keep = ("policy_loss", "clipfrac", "approx_kl", "entropy", "ptx_loss", "grad_norm")
         out = {k: actor_m[k] for k in keep if k in actor_m}
         out.update(value_loss=critic_m["value_loss"], vf_clipfrac=critic_m["vf_clipfrac"],
                    loss=actor_m["loss"] + critic_m["loss"])
         return state, out
+
+    def _per_update(self, micro: list[dict]) -> dict:
+        """Mini-batch metrics -> one set per optimizer update (`optim.grad_accum` mini-batches each,
+        `build.window_metrics`) -> their weighted mean over the PPO step."""
+        micro, k = jax.device_get(micro), self.cfg.optim.grad_accum
+        return build.weighted_mean([build.window_metrics(micro[i:i + k]) for i in range(0, len(micro), k)])
 
     def _ptx_batch(self, mb: dict) -> dict:
         b = build.to_device(next(self.ptx), self.train_sharding)
@@ -248,20 +278,24 @@ class PPO:
     def evaluate(self, state, *, temperature=None) -> dict:
         """Mean reward-model score of sampled responses to the held-out prompts (and, on the synthetic
         task, the checker's task accuracy)."""
-        if self.eval_prompts is None:
+        if self.eval_prompts is None or self.cfg.ppo.eval_prompts == 0:
             return {}
         cfg_s = dataclasses.replace(self.sampler, temperature=self.sampler.temperature
                                     if temperature is None else temperature)
-        it = build.iterator(self.eval_prompts, self.rows, self.cfg.seed, shuffle=False, num_epochs=1)
+        # The first ppo.eval_prompts held-out prompts, every one of them: the last batch is padded and its
+        # padding rows are generated but left out of the metrics.
+        it = build.eval_iterator(self.eval_prompts, self.rows, self.cfg.ppo.eval_prompts)
         scores, prompts, responses = [], [], []
         p_len = self.cfg.data.max_prompt_len
-        for i, batch in zip(range(-(-self.cfg.ppo.eval_prompts // self.rows)), it):
+        for i, batch in enumerate(it):
             rng = jax.random.fold_in(jax.random.key(self.cfg.seed + 7), i)
+            valid = build.to_device({"valid": batch.pop("valid")}, self.train_sharding)["valid"]
             rolled = self.rollout(state["actor"], batch, rng, sampler=cfg_s)
             with jax.set_mesh(self.mesh):
                 score = self._score_only(self.roles.reward[1], rolled)
-            rolled = {k: to_host(v) for k, v in rolled.items()}  # every process decodes all rows
-            scores.append(to_host(score))
+            real = to_host(valid) > 0  # every process decodes all rows
+            rolled = {k: to_host(v)[real] for k, v in rolled.items()}
+            scores.append(to_host(score)[real])
             prompts += self.decode(rolled["seq"][:, :p_len], rolled["attention_mask"][:, :p_len])
             responses += self.decode(rolled["seq"][:, p_len:], rolled["response_mask"])
         out = {"score": float(np.mean(np.concatenate(scores)))} if scores else {}
@@ -333,6 +367,6 @@ def run_ppo(cfg: RunConfig) -> dict:
     state = trainer.init_state()
     spec = loop.Loop(name="ppo", steps=cfg.train.steps, state=state, update=trainer.update, evaluate=evaluate,
                      export=export, data_state=trainer.data_state, restore_data=trainer.restore_data,
-                     show=("reward/score", "kl"), allow_nonfinite=cfg.precision.compute == "fp16")
+                     show=("reward/score", "kl"), allow_nonfinite=cfg.precision.compute == "fp16", config=cfg)
     loop.run(spec, schedule(cfg), cfg.output)
     return result

@@ -31,23 +31,33 @@ def reward_loss(model, batch, *, required_margin: float = 0.0):
         loss     = mean_b -log sigmoid(r_c - r_r - m)       (m = required_margin, `reward.margin`)
         accuracy = mean_b [r_c > r_r]
 
+    where mean_b is over the rows, or, when the batch has `valid` (B,) (an evaluation batch whose padding
+    rows are 0), sum_b valid_b x_b / sum_b valid_b.
+
     Args:
       model: a `ScoreModel` (`model.sequence_score(ids, mask) -> (B,)`).
-      batch: `chosen_input_ids`, `chosen_attention_mask`, `rejected_input_ids`, `rejected_attention_mask`.
+      batch: `chosen_input_ids`, `chosen_attention_mask`, `rejected_input_ids`, `rejected_attention_mask`;
+        optional `valid` (B,).
     Returns:
       loss (scalar fp32) and metrics `loss`, `accuracy`, `chosen_score`, `rejected_score`, `margin`
-      (means over rows) and `weight` (number of rows).
+      (means over rows) and `weight` (number of rows, real rows with `valid`).
     """
     chosen, rejected = pair_scores(model, batch)
     chosen, rejected = chosen.astype(jnp.float32), rejected.astype(jnp.float32)
     margin = chosen - rejected  # (B,)
-    loss = -jnp.mean(jax.nn.log_sigmoid(margin - required_margin))
+    valid = batch.get("valid")
+    if valid is None:
+        mean, weight = jnp.mean, jnp.asarray(margin.shape[0], jnp.float32)
+    else:
+        weight = valid.sum()
+        mean = lambda x: (x * valid).sum() / jnp.maximum(weight, 1.0)  # noqa: E731
+    loss = -mean(jax.nn.log_sigmoid(margin - required_margin))
     metrics = {
         "loss": loss,
-        "accuracy": jnp.mean((margin > 0).astype(jnp.float32)),
-        "chosen_score": jnp.mean(chosen),
-        "rejected_score": jnp.mean(rejected),
-        "margin": jnp.mean(margin),
-        "weight": jnp.asarray(margin.shape[0], jnp.float32),
+        "accuracy": mean((margin > 0).astype(jnp.float32)),
+        "chosen_score": mean(chosen),
+        "rejected_score": mean(rejected),
+        "margin": mean(margin),
+        "weight": weight,
     }
     return loss, metrics

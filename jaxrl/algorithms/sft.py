@@ -3,12 +3,23 @@
 Every loss here returns `(loss, metrics)` with `metrics["weight"]` = the local denominator it averaged
 over, so the shared data-parallel step can combine devices as sum(loss * weight) / sum(weight) and get
 exactly the one-device loss.
+
+The LM head and its log-softmax run through `head_stats`, a chunk of positions at a time, so no
+(B, T, V) fp32 logits tensor exists for the whole batch (a 128k vocabulary costs one chunk).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+
+def _picked_logprobs(logits, targets):
+    """(..., V) logits, (...) targets -> (...) log softmax(logits)[target], in fp32."""
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    # logsumexp rather than a full log_softmax: no (..., V) temporary beyond the logits themselves
+    return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
 def token_logprobs(logits, tokens):
@@ -22,11 +33,62 @@ def token_logprobs(logits, tokens):
     Returns:
       (B, T - 1) fp32: log p(tokens[:, t + 1] | tokens[:, :t + 1]).
     """
-    logits = logits[:, :-1].astype(jnp.float32)  # (B, T-1, V)
-    targets = tokens[:, 1:]  # (B, T-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    # logsumexp rather than a full log_softmax: no (B, T, V) temporary beyond the logits themselves
-    return picked - jax.nn.logsumexp(logits, axis=-1)
+    return _picked_logprobs(logits[:, :-1], tokens[:, 1:])
+
+
+def token_entropy(logits):
+    """(..., V) -> (...) fp32 entropy of each distribution: H = logsumexp(z) - sum_v softmax(z)_v z_v."""
+    logits = logits.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(probs * logits, axis=-1)
+
+
+def head_stats(model, hidden, targets, *, entropy: bool = False, accuracy: bool = False,
+               chunk: int | None = None) -> dict:
+    """Per-position statistics of the next-token distributions, the LM head applied a chunk at a time.
+
+        z[b, t]       = model.logits(hidden[b, t])                               (V,) fp32
+        logp[b, t]    = z[b, t, targets[b, t]] - logsumexp(z[b, t])
+        entropy[b, t] = logsumexp(z[b, t]) - sum_v softmax(z[b, t])_v z[b, t, v]   (with `entropy`)
+        correct[b, t] = [argmax_v z[b, t, v] == targets[b, t]]                     (with `accuracy`)
+
+    The T positions are cut into ceil(T / chunk) chunks (the last one padded, its padding dropped) that
+    `lax.map` runs one after the other, each under `jax.checkpoint`: a chunk's (B, chunk, V) logits exist
+    only while that chunk is computed, in the forward and again in the backward, so the peak is one
+    chunk's logits and not (B, T, V). Each position's numbers are those of the unchunked computation.
+
+    Args:
+      model: a `Transformer` with an LM head (`model.logits`).
+      hidden: (B, T, E) its final hidden states at the positions to score.
+      targets: (B, T) the token each position predicts.
+      entropy, accuracy: also return `entropy` (fp32) and `correct` (fp32 0/1).
+      chunk: positions per chunk; None: `model.logits_chunk`; 0 or >= T: one pass over all T (no map,
+        no checkpoint: the fastest for small vocabularies).
+    Returns:
+      {'logp': (B, T) fp32, and 'entropy', 'correct' (B, T) when asked for}.
+    """
+    chunk = model.logits_chunk if chunk is None else chunk
+    b, t, e = hidden.shape
+
+    def stats(h, y):  # (B, c, E), (B, c) -> dict of (B, c)
+        logits = model.logits(h)  # (B, c, V) fp32
+        out = {"logp": _picked_logprobs(logits, y)}
+        if entropy:
+            out["entropy"] = token_entropy(logits)
+        if accuracy:
+            out["correct"] = (jnp.argmax(logits, axis=-1) == y).astype(jnp.float32)
+        return out
+
+    if chunk <= 0 or chunk >= t:
+        return stats(hidden, targets)
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    h = hidden.reshape(b, n, chunk, e).swapaxes(0, 1)  # (n, B, c, E)
+    y = targets.reshape(b, n, chunk).swapaxes(0, 1)  # (n, B, c)
+    out = jax.lax.map(lambda xs: jax.checkpoint(stats)(*xs), (h, y))  # each (n, B, c)
+    return {k: v.swapaxes(0, 1).reshape(b, n * chunk)[:, :t] for k, v in out.items()}
 
 
 def sft_loss(model, batch):
@@ -37,25 +99,27 @@ def sft_loss(model, batch):
         accuracy = sum_{b,t} w[b, t] [argmax logits[b, t] == x[b, t + 1]] / sum_{b,t} w[b, t]
 
     Args:
-      model: a `Transformer`, `model(input_ids, attention_mask) -> logits (B, T, V)`.
-      batch: `input_ids`, `attention_mask`, `loss_mask` (B, T); packing keys, if any, are not used.
+      model: a `Transformer` (its final hidden states and LM head; see `head_stats`).
+      batch: `input_ids`, `attention_mask`, `loss_mask` (B, T); packing keys, if any, are not used;
+        optional `valid` (B,): 0 marks a padding row of an evaluation batch, whose tokens then do not count.
     Returns:
       loss (scalar fp32) and metrics `loss`, `accuracy`, `weight` (number of target tokens).
     """
     ids = batch["input_ids"]
     segments = batch.get("segment_ids")  # packed rows: several examples, each attending to itself only
-    logits = model(ids, batch["attention_mask"], positions=batch.get("positions"), segment_ids=segments)
+    hidden, _ = model.forward(ids, batch["attention_mask"], positions=batch.get("positions"), segment_ids=segments)
     weights = batch["loss_mask"][:, 1:].astype(jnp.float32)  # (B, T-1)
     if segments is not None:  # no target across an example boundary
         weights = weights * (segments[:, 1:] == segments[:, :-1])
+    if "valid" in batch:
+        weights = weights * batch["valid"][:, None]
     count = weights.sum()
     denom = jnp.maximum(count, 1.0)  # an all-masked local slice: loss 0 with weight 0, not NaN
-    logp = token_logprobs(logits, ids)
-    loss = -(logp * weights).sum() / denom
-    correct = (jnp.argmax(logits[:, :-1], axis=-1) == ids[:, 1:]).astype(jnp.float32)
+    stats = head_stats(model, hidden[:, :-1], ids[:, 1:], accuracy=True)
+    loss = -(stats["logp"] * weights).sum() / denom
     metrics = {
         "loss": loss,
-        "accuracy": (correct * weights).sum() / denom,
+        "accuracy": (stats["correct"] * weights).sum() / denom,
         "weight": count,
     }
     return loss, metrics

@@ -73,9 +73,12 @@ def _check_model_dir(path: str) -> None:
 def _tokenizer(path: str):
     from transformers import AutoTokenizer
 
+    from jaxrl.models.hf import check_tokenizer_files
+
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
+        check_tokenizer_files(path)
         raise JaxrlError(f"could not load a tokenizer from {path}: {e}") from None
 
 

@@ -89,9 +89,12 @@ def read_prompts(path: str) -> list[str]:
 def _tokenizer(model_dir: str):
     from transformers import AutoTokenizer
 
+    from jaxrl.models.hf import check_tokenizer_files
+
     try:
         return AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
+        check_tokenizer_files(model_dir)
         raise JaxrlError(f"could not load a tokenizer from {model_dir}: {e}") from None
 
 
@@ -110,8 +113,10 @@ def _eos_ids(model, tokenizer) -> tuple[int, ...]:
         ids.append(tokenizer.eos_token_id)
     gen_cfg = os.path.join(model.source_path, "generation_config.json")
     if os.path.exists(gen_cfg):
-        with open(gen_cfg) as f:
-            eos = json.load(f).get("eos_token_id")
+        from jaxrl.io import read_json
+
+        eos = read_json(gen_cfg, what="generation config", fix="repair it or delete it (it is optional)"
+                        ).get("eos_token_id")
         ids.extend(eos if isinstance(eos, list) else [] if eos is None else [eos])
     return tuple(dict.fromkeys(int(i) for i in ids))
 

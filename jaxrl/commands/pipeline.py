@@ -24,10 +24,10 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from jaxrl.commands.train import load_run_config
 
+    steps = parse_steps(args.steps)  # every argument is checked before anything is written
     if args.config is None:  # the embedded default: tiny model, synthetic task, CPU
         args.config = default_config()
     cfg = load_run_config(args)
-    steps = parse_steps(args.steps)
     summary = run_pipeline(cfg, steps)
     print(json.dumps(summary, indent=2))
     return 0
@@ -59,15 +59,24 @@ def parse_steps(text: str) -> tuple[int, ...]:
 
 def run_pipeline(cfg, steps=(1, 2, 3)) -> dict:
     """Runs the chosen steps; a later step reads the earlier steps' exports, which must exist."""
+    import jax
+
     from jaxrl.commands.train import run_reward, run_sft
-    from jaxrl.config import apply_overrides
+    from jaxrl.config import apply_overrides, save_yaml
 
     out = cfg.output
     dirs = {i: os.path.join(out, d) for i, d in STEP_DIRS.items()}
     shared = [f"data.cache_dir={cfg.data.cache_dir or os.path.join(out, 'data')}"]
     sft_hf, reward_hf = os.path.join(dirs[1], "hf"), os.path.join(dirs[2], "hf")
     p = cfg.pipeline
+    # A step this run does not make must already be there, checked before anything is written.
+    if 1 not in steps and {2, 3} & set(steps):
+        _require(sft_hf, "step 1 (SFT)")
+    if 2 not in steps and 3 in steps:
+        _require(reward_hf, "step 2 (reward model)")
     summary = _read(os.path.join(out, "summary.json"))
+    if jax.process_index() == 0:
+        save_yaml(cfg, os.path.join(out, "config.yaml"))
 
     if 1 in steps:
         c1 = apply_overrides(cfg, shared + list(p.sft) + [f"output={dirs[1]}"])
@@ -92,8 +101,8 @@ def run_pipeline(cfg, steps=(1, 2, 3)) -> dict:
         logged = [m for m in read_metrics(dirs[3]) if "kl" in m]
         tail = logged[-max(1, len(logged) // 5):]  # the last fifth of the run: where PPO ended up
         summary["ppo"] = {
-            **_task_accuracy(c3, sft_hf, "task_accuracy_before"),
-            **_task_accuracy(c3, os.path.join(dirs[3], "hf"), "task_accuracy_after"),
+            **_task_accuracy(c3, sft_hf, "task_accuracy_before", reward_hf, "reward_before"),
+            **_task_accuracy(c3, os.path.join(dirs[3], "hf"), "task_accuracy_after", reward_hf, "reward_after"),
             "kl": sum(m["kl"] for m in tail) / len(tail),
             "reward_score_first": logged[0]["reward/score"], "reward_score_last": tail[-1]["reward/score"],
         }
@@ -111,8 +120,9 @@ def _step(directory: str, fn) -> dict:
     return result
 
 
-def _task_accuracy(cfg, model_dir: str, key: str) -> dict:
-    """Checker accuracy of sampled answers to held-out prompts (synthetic task only)."""
+def _task_accuracy(cfg, model_dir: str, key: str, reward_dir: str | None = None, reward_key: str = "") -> dict:
+    """Checker accuracy of sampled answers to held-out prompts (synthetic task only) under `key` and, with
+    `reward_dir`, the reward model's mean score of the same prompt + response sequences under `reward_key`."""
     if cfg.data.paths != ("synthetic",):
         return {}
     import jax
@@ -133,8 +143,27 @@ def _task_accuracy(cfg, model_dir: str, key: str) -> dict:
         out = generate(model, ids, max_new_tokens=cfg.generation.max_new_tokens,
                        temperature=cfg.generation.temperature, top_p=cfg.generation.top_p,
                        top_k=cfg.generation.top_k, seed=cfg.seed + 12345, batch_size=64)
-    responses = [tok.decode(o, skip_special_tokens=True) for o in out]
-    return {key: synthetic.task_accuracy(prompts, responses)}
+        result = {key: synthetic.task_accuracy(prompts, [tok.decode(o, skip_special_tokens=True) for o in out])}
+        if reward_dir is not None:
+            result[reward_key] = _mean_score(reward_dir, [p + o for p, o in zip(ids, out)], tok.pad_token_id or 0)
+    return result
+
+
+def _mean_score(reward_dir: str, sequences: list[list[int]], pad_id: int) -> float:
+    """The reward model's mean score of token sequences (prompt + response, its EOS included), each read
+    at its last real token as in PPO's experience (right-padded here: the score ignores the padding side)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxrl.models.hf import load_pretrained
+
+    length = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), length), pad_id, np.int32)
+    mask = np.zeros((len(sequences), length), np.int32)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)], mask[i, :len(s)] = s, 1
+    reward = load_pretrained(reward_dir, kind="score")
+    return float(np.mean(np.asarray(reward.sequence_score(jnp.asarray(ids), jnp.asarray(mask)))))
 
 
 def _require(path: str, step: str) -> None:
@@ -147,8 +176,9 @@ def _require(path: str, step: str) -> None:
 def _read(path: str) -> dict:
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    from jaxrl.io import read_json
+
+    return read_json(path, what="pipeline record", fix=f"delete {path} (the step it records then runs again)")
 
 
 def _write(out: str, summary: dict) -> None:
@@ -158,10 +188,12 @@ def _write(out: str, summary: dict) -> None:
 def _write_json(path: str, data: dict) -> None:
     import jax
 
+    from jaxrl.train.metrics import strict_json
+
     if jax.process_index() != 0:
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
+        f.write(strict_json(data, indent=2))
     os.replace(tmp, path)

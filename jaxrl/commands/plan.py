@@ -7,9 +7,10 @@ XLA's own per-device bytes: arguments, outputs (less those aliased to donated ar
 temporaries.
 
 Roles per step: `sft` the actor train step; `reward` the reward-model train step; `ppo` the actor and
-critic train steps, the reference and reward forwards, and the Hybrid Engine's generation prefill and
-decode on the generation mesh. In PPO all four models stay on the devices for the whole run, so a role
-needs its own total plus the other models' resident state ("others").
+critic train steps, the reference (none when ppo.kl_coef is 0) and reward forwards, and the Hybrid
+Engine's generation prefill and decode on the generation mesh. In PPO all the models stay on the
+devices for the whole run, so a role needs its own total plus the other models' resident state
+("others").
 """
 
 from __future__ import annotations
@@ -238,7 +239,7 @@ def _ppo(cfg, mesh, arch) -> list[RoleMemory]:
     import jax.numpy as jnp
 
     from jaxrl.algorithms import ppo
-    from jaxrl.algorithms.ppo_trainer import total_updates
+    from jaxrl.algorithms.ppo_trainer import needs_reference, total_updates
     from jaxrl.train import build
 
     p, stage = cfg.ppo, cfg.zero_stage
@@ -270,15 +271,16 @@ def _ppo(cfg, mesh, arch) -> list[RoleMemory]:
     critic_spec = dataclasses.replace(build.spec_from(cfg, critic_path, kind="score"), lora_rank=0)
     critic = _train_role("critic train step", cfg, mesh, critic_spec, architecture(critic_path),
                          critic_loss, critic_batch, lr=p.critic_lr, total_steps=total_updates(cfg), lora=False)
-    frozen = dataclasses.replace(build.spec_from(cfg), lora_rank=0, remat="none")
     rollout = {"seq": ((p.rollout_batch_size, length), jnp.int32),
                "attention_mask": ((p.rollout_batch_size, length), jnp.int32)}
-    ref = _forward_role("reference forward", mesh, stage, frozen, arch, rollout,
-                        lambda m, b: ppo.response_logprobs(m, b["seq"], b["attention_mask"], plen)[0])
-    reward_spec = dataclasses.replace(frozen, path=reward_path, kind="score")
-    reward = _forward_role("reward forward", mesh, stage, reward_spec, architecture(reward_path), rollout,
+    ref = []
+    if needs_reference(cfg):
+        ref = [_forward_role("reference forward", mesh, stage, build.frozen_spec(cfg), arch, rollout,
+                             lambda m, b: ppo.response_logprobs(m, b["seq"], b["attention_mask"], plen)[0])]
+    reward = _forward_role("reward forward", mesh, stage, build.frozen_spec(cfg, reward_path, kind="score"),
+                           architecture(reward_path), rollout,
                            lambda m, b: m.sequence_score(b["seq"], b["attention_mask"]))
-    return [actor, critic, ref, reward, *_generation_roles(cfg, arch, actor_trainer)]
+    return [actor, critic, *ref, reward, *_generation_roles(cfg, arch, actor_trainer)]
 
 
 # ------------------------------------------------------------------------------------ abstract building
@@ -322,14 +324,13 @@ def abstract_model(spec, arch, mesh, stage: int):
     from flax import nnx
 
     from jaxrl.models.lora import add_lora
-    from jaxrl.models.transformer import ScoreModel, Transformer
+    from jaxrl.models.transformer import store_params
     from jaxrl.parallel.sharding import model_shardings, zero_layout
     from jaxrl.precision import dtype_of
-
-    cls = ScoreModel if spec.kind == "score" else Transformer
+    from jaxrl.train.build import new_model
 
     def fresh(sh):
-        model = cls(arch, rngs=nnx.Rngs(spec.seed), dtype=dtype_of(spec.dtype), shardings=sh, remat=spec.remat)
+        model = new_model(spec, arch, sh)
         if spec.lora_rank > 0:
             model = add_lora(model, rank=spec.lora_rank, alpha=spec.lora_alpha, targets=spec.lora_targets,
                              seed=spec.seed)
@@ -338,7 +339,7 @@ def abstract_model(spec, arch, mesh, stage: int):
     layout = zero_layout(fresh, mesh, stage)
     shardings = model_shardings(shard_params=stage == 3, tensor=mesh.shape["tensor"] > 1)
     with jax.set_mesh(mesh):
-        return nnx.eval_shape(lambda: fresh(shardings)), layout
+        return store_params(nnx.eval_shape(lambda: fresh(shardings)), dtype_of(spec.param_dtype)), layout
 
 
 def _abstract_state(model, mesh, cast=None):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 
 
 def add_arguments(parser) -> None:
@@ -23,11 +22,15 @@ def run(args) -> int:
 
 
 def load_run_config(args):
-    """Config file + DeepSpeed file + key=value overrides + --output; starts multi-host; echoes the config."""
+    """Config file + DeepSpeed file + key=value overrides + --output, validated; starts multi-host.
+
+    Writes nothing: the run echoes its config to OUTPUT/config.yaml only once its inputs are loaded and
+    the loop starts (`jaxrl.train.loop.run`), so a rejected argument or config leaves no output behind.
+    """
     import jax
 
-    from jaxrl.config import load_config, save_yaml
-    from jaxrl.parallel.mesh import initialize_distributed
+    from jaxrl.config import load_config
+    from jaxrl.parallel.mesh import initialize_distributed, resolve_axes
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("absl", "orbax", "jax"):  # their INFO lines drown the run's own
@@ -36,16 +39,15 @@ def load_run_config(args):
     cfg = load_config(args.config, overrides)
     d = cfg.distributed
     initialize_distributed(d.coordinator, d.num_processes, d.process_id)  # before anything touches devices
+    m = cfg.mesh  # the training mesh must fit the devices before anything is built or written
+    data, fsdp, _ = resolve_axes({"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}, jax.device_count())
     if getattr(args, "deepspeed", None):
         from jaxrl.deepspeed_config import to_run_config_overrides
-        from jaxrl.parallel.mesh import resolve_axes
 
-        m = cfg.mesh
-        data, fsdp, _ = resolve_axes({"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}, jax.device_count())
         # The DeepSpeed file overrides the YAML file; key=value arguments still win.
         cfg = load_config(args.config, to_run_config_overrides(args.deepspeed, world_size=data * fsdp) + overrides)
-    if jax.process_index() == 0:
-        save_yaml(cfg, os.path.join(cfg.output, "config.yaml"))
+        m = cfg.mesh
+        resolve_axes({"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}, jax.device_count())
     return cfg
 
 
@@ -99,18 +101,15 @@ def _train(cfg, name, kind, loss_fn, train_arrays, eval_arrays, tokenizer):
     final = {}
 
     def update(state, step):
+        micro = []
         with jax.set_mesh(mesh):
             for _ in range(cfg.optim.grad_accum):
                 state, metrics = trainer.step(state, build.to_device(next(batches), trainer.batch_sharding))
-        return state, metrics
+                micro.append(metrics)
+        return state, build.window_metrics(jax.device_get(micro))
 
     def evaluate(state):
-        it = build.iterator(eval_arrays, rows, cfg.seed, shuffle=False, num_epochs=1)
-        out = []
-        with jax.set_mesh(mesh):
-            for _, batch in zip(range(cfg.train.eval_batches), it):
-                out.append(jax.device_get(trainer.evaluate(state, build.to_device(batch, trainer.batch_sharding))))
-        metrics = build.weighted_mean(out)
+        metrics = evaluate_rows(trainer, state, eval_arrays, rows, limit=cfg.train.eval_batches * rows)
         if name == "sft":
             metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
         final.clear()
@@ -123,12 +122,27 @@ def _train(cfg, name, kind, loss_fn, train_arrays, eval_arrays, tokenizer):
 
     spec = loop.Loop(
         name=name, steps=cfg.train.steps, state=trainer.init_state(), update=update,
-        evaluate=evaluate if eval_arrays is not None and len(next(iter(eval_arrays.values()))) >= rows else None,
+        evaluate=evaluate if eval_arrays is not None else None,
         export=export, data_state=batches.state, restore_data=batches.restore,
-        show=("loss", "accuracy"), allow_nonfinite=cfg.precision.compute == "fp16",
+        show=("loss", "accuracy"), allow_nonfinite=cfg.precision.compute == "fp16", config=cfg,
     )
     loop.run(spec, schedule(cfg), cfg.output)
     return final
+
+
+def evaluate_rows(trainer, state, arrays: dict, rows: int, *, limit: int | None = None) -> dict:
+    """The loss function's metrics over the first `limit` rows of `arrays` (all by default), in batches
+    of `rows` (the last one padded, its padding rows weighted 0): the metrics of one batch of exactly
+    those rows."""
+    import jax
+
+    from jaxrl.train import build
+
+    out = []
+    with jax.set_mesh(trainer.mesh):
+        for batch in build.eval_iterator(arrays, rows, limit):
+            out.append(jax.device_get(trainer.evaluate(state, build.to_device(batch, trainer.batch_sharding))))
+    return build.weighted_mean(out)
 
 
 def schedule(cfg):

@@ -5,6 +5,10 @@ Epoch e visits the rows in the order `seeded_rng(seed, 2, e).permutation(N)` and
 the same shape and nothing recompiles). With `shard(p, P)`, process p yields rows
 [p * B/P, (p+1) * B/P) of every global batch: P processes together see exactly the one-process batches.
 The position is `{"epoch": e, "index": i}` (the next batch to yield), saved with checkpoints.
+
+With `pad_last` (evaluation) nothing is left out: there are `ceil(N / batch_size)` batches, the last
+one filled up with copies of the first row, and every batch carries `valid` (rows,) float32: 1 for a
+real row, 0 for a copy. Losses weight rows by `valid`, so the copies contribute nothing.
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ class BatchIterator:
       shuffle: shuffle each epoch (off for evaluation: rows in order).
       num_epochs: stop after this many epochs; None runs forever.
       process_index, process_count: which contiguous slice of each global batch this process reads.
+      pad_last: keep the tail that does not fill a batch, padded, with a `valid` row mask (evaluation);
+        the dataset may then be smaller than one batch.
     """
 
     arrays: dict[str, np.ndarray]
@@ -39,6 +45,7 @@ class BatchIterator:
     num_epochs: int | None = None
     process_index: int = 0
     process_count: int = 1
+    pad_last: bool = False
     epoch: int = 0
     index: int = 0
     _order_cache: tuple[int, np.ndarray] | None = dataclasses.field(default=None, init=False, repr=False)
@@ -54,7 +61,7 @@ class BatchIterator:
             )
         if not 0 <= self.process_index < self.process_count:
             raise ValueError(f"process_index={self.process_index} is not in [0, {self.process_count})")
-        if self.size < self.batch_size:
+        if self.size < (1 if self.pad_last else self.batch_size):
             raise JaxrlError(
                 f"the dataset has {self.size} examples, fewer than train.batch_size={self.batch_size}"
             )
@@ -67,6 +74,8 @@ class BatchIterator:
     @property
     def steps_per_epoch(self) -> int:
         """Global batches per epoch."""
+        if self.pad_last:
+            return -(-self.size // self.batch_size)
         return self.size // self.batch_size
 
     def shard(self, process_index: int, process_count: int) -> BatchIterator:
@@ -96,11 +105,16 @@ class BatchIterator:
             raise StopIteration
         local = self.batch_size // self.process_count
         start = self.index * self.batch_size + self.process_index * local
-        rows = self._order(self.epoch)[start : start + local]
+        positions = np.arange(start, start + local)  # in this epoch's order; >= N only with pad_last
+        real = positions < self.size
+        rows = self._order(self.epoch)[np.where(real, positions, 0)]
         self.index += 1
         if self.index == self.steps_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
-        return {k: v[rows] for k, v in self.arrays.items()}
+        batch = {k: v[rows] for k, v in self.arrays.items()}
+        if self.pad_last:
+            batch["valid"] = real.astype(np.float32)
+        return batch
 
     def _order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:

@@ -10,7 +10,9 @@ Safetensors only: nothing is ever unpickled.
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,11 +25,14 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from jaxrl.errors import JaxrlError
+from jaxrl.io import check_json_files, read_json
 from jaxrl.models.config import ModelConfig
-from jaxrl.models.safetensors_io import TensorStore
-from jaxrl.models.transformer import ScoreModel, Transformer
+from jaxrl.models.safetensors_io import REFETCH, TensorStore
+from jaxrl.models.transformer import ScoreModel, Transformer, store_params
 from jaxrl.parallel.mesh import to_host
 from jaxrl.parallel.sharding import ModelShardings
+
+log = logging.getLogger(__name__)
 
 _LLAMA = [
     ("model.embed_tokens.weight", "embed.embedding", None),
@@ -106,6 +111,17 @@ ARCHITECTURES = {
 }
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                     "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json")
+
+# Files AutoTokenizer parses as JSON (config.json tells it the tokenizer class).
+_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "config.json")
+
+
+def check_tokenizer_files(path: str) -> None:
+    """After AutoTokenizer failed on `path`: raises a JaxrlError naming a tokenizer file that is corrupt
+    or cut short, if one is (transformers itself only passes on a bare JSONDecodeError)."""
+    check_json_files(path, _TOKENIZER_JSON, what="tokenizer file",
+                     fix="copy the tokenizer files again from the model's source (or tokenizer.save_pretrained)")
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -255,17 +271,21 @@ def _score_prefix(path: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- load
 def load_pretrained(path: str, dtype=jnp.float32, *, kind: str = "causal_lm",
-                    shardings: ModelShardings | None = None, remat: str = "none", seed: int = 0):
+                    shardings: ModelShardings | None = None, remat: str = "none", seed: int = 0,
+                    param_dtype=jnp.float32, logits_chunk: int = 0):
     """Loads an HF directory into a jaxrl model.
 
     Args:
       path: directory with config.json and model.safetensors (or a sharded index).
-      dtype: compute dtype; parameters stay fp32.
+      dtype: compute dtype.
       kind: 'causal_lm' -> `Transformer`; 'score' -> `ScoreModel` (reward model / critic). A score model
         loaded from a causal-LM checkpoint gets a freshly initialised head (DeepSpeed-Chat's critic and
         reward model start that way).
       shardings: parameter layout; under `jax.set_mesh(mesh)` each tensor is placed straight onto its
         shards (each device reads only its slice of the file).
+      param_dtype: the parameters' storage dtype: fp32 (the master copy of a model that trains), or the
+        compute dtype for a frozen model; each slice is cast as it is read (see `store_params`).
+      logits_chunk: a causal LM's `Transformer.logits_chunk`.
     Returns:
       The model, with `source_path` recording `path` (save_pretrained copies its tokenizer from there).
     """
@@ -275,8 +295,10 @@ def load_pretrained(path: str, dtype=jnp.float32, *, kind: str = "causal_lm",
     if kind not in ("causal_lm", "score"):
         raise ValueError(f"kind must be 'causal_lm' or 'score', got {kind!r}")
     cls = ScoreModel if score else Transformer
-    build = lambda: cls(cfg, rngs=nnx.Rngs(seed), dtype=dtype, shardings=shardings, remat=remat)  # noqa: E731
-    abstract = nnx.eval_shape(build)
+    extra = {} if score else {"logits_chunk": logits_chunk}
+    abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(seed), dtype=dtype, shardings=shardings, remat=remat,
+                                          **extra))
+    abstract = store_params(abstract, param_dtype)  # the abstract dtypes are what each slice is read as
     graphdef, abstract_state = nnx.split(abstract)
     params = {_score_prefix(k) if score else k: (k, v) for k, v in _flat_params(abstract).items()}
     values = {}
@@ -311,8 +333,12 @@ def read_config(path: str) -> ModelConfig:
     cfg_file = os.path.join(path, "config.json")
     if not os.path.exists(cfg_file):
         raise JaxrlError(f"{path} has no config.json: not an HF model directory")
-    with open(cfg_file) as f:
-        return config_from_hf(json.load(f))
+    data = read_json(cfg_file, what="model config", fix=REFETCH)
+    try:
+        return config_from_hf(data)
+    except KeyError as e:
+        raise JaxrlError(f"{cfg_file}: the model config lacks {e}, which a {data.get('model_type')} model "
+                         f"needs: the file is incomplete; {REFETCH}") from None
 
 
 def _load_tensor(store: TensorStore, names, fn, part, var, path):
@@ -408,6 +434,13 @@ def save_pretrained(model, path: str, *, tokenizer=None, dtype=np.float32) -> No
 def _write_directory(model, cfg, score, tensors, path, tokenizer, dtype):
     from safetensors.numpy import save_file
 
+    if score:  # a sequence classifier needs a pad id, in config.json and the tokenizer alike
+        source = tokenizer if tokenizer is not None else _source_tokenizer(model)
+        pad = score_pad_id(cfg, source)
+        cfg = cfg.replace(pad_token_id=pad)
+        if source is not None and pad is not None and source.pad_token_id != pad:
+            tokenizer = copy.deepcopy(source)  # the caller's tokenizer keeps its own setting
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -425,6 +458,47 @@ def _write_directory(model, cfg, score, tensors, path, tokenizer, dtype):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def score_pad_id(cfg: ModelConfig, tokenizer=None) -> int | None:
+    """The pad id a sequence-classification export writes.
+
+    transformers' `...ForSequenceClassification` scores the rightmost token that is not `pad_token_id`
+    and refuses batches larger than one without one. jaxrl scores the last real token of
+    `prompt + response + EOS`, i.e. the EOS, so the common pad = EOS (TRL, OpenRLHF) would make
+    transformers score the token before that EOS instead. The first that exists: the model's pad, the
+    tokenizer's pad, its unknown token, BOS (both never end a scored sequence), and EOS only as a last
+    resort (with a warning).
+    """
+    tok = lambda name: getattr(tokenizer, name, None) if tokenizer is not None else None  # noqa: E731
+    if cfg.pad_token_id is not None:
+        return cfg.pad_token_id
+    if tok("pad_token_id") is not None:
+        return tok("pad_token_id")
+    eos = set(cfg.eos_ids) | ({tok("eos_token_id")} - {None})
+    for candidate in (tok("unk_token_id"), cfg.bos_token_id, tok("bos_token_id")):
+        if candidate is not None and candidate not in eos:
+            return int(candidate)
+    if eos:
+        pad = min(eos) if cfg.eos_token_id is None else cfg.eos_ids[0]
+        log.warning("the reward model has no pad, unknown or BOS token distinct from EOS; exported with "
+                    "pad_token_id = EOS (%d), so transformers scores the token before a trailing EOS", pad)
+        return int(pad)
+    return None
+
+
+def _source_tokenizer(model):
+    """The tokenizer of the directory `model` was loaded from, or None."""
+    src = getattr(model, "source_path", None) or getattr(getattr(model, "backbone", None), "source_path", None)
+    if not src or not any(os.path.exists(os.path.join(src, n)) for n in _TOKENIZER_FILES[:2]):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        check_tokenizer_files(src)
+        raise JaxrlError(f"could not load the tokenizer of {src} to export it: {e}") from None
 
 
 def _save_tokenizer(model, tokenizer, out):

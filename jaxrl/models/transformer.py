@@ -223,11 +223,13 @@ class Transformer(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 shardings: ModelShardings | None = None, lm_head: bool = True, remat: str = "none"):
+                 shardings: ModelShardings | None = None, lm_head: bool = True, remat: str = "none",
+                 logits_chunk: int = 0):
         sh = shardings or ModelShardings()
         self.config = cfg
         self.dtype = dtype
         self.remat = remat
+        self.logits_chunk = logits_chunk  # positions per LM-head chunk in the losses (sft.head_stats); 0: all
         e, d = cfg.embed_width, cfg.hidden_size
         self.embed = Embed(cfg.vocab_size, e, spec=sh.embed_ve, rngs=rngs)
         self.pos_embed = (
@@ -412,3 +414,26 @@ def last_token_index(attention_mask):
     """(B,) index of each row's last real token: the largest t with mask[b, t] = 1."""
     t = attention_mask.shape[1]
     return t - 1 - jnp.argmax(attention_mask[:, ::-1].astype(jnp.int32), axis=1)
+
+
+def store_params(model: nnx.Module, dtype) -> nnx.Module:
+    """Stores every floating-point `nnx.Param` of `model` in `dtype`, in place; returns `model`.
+
+    For a frozen model (PPO's reference and reward): its forward casts each weight to the compute dtype
+    where it is used, so storing the weights in that dtype halves their bytes (bf16 vs fp32); only norm
+    scales, used in fp32, round to it. A concrete model is cast shard by shard where it lies; an
+    `nnx.eval_shape` model gets the new dtype in its abstract values, so `load_pretrained` reads each
+    device's slice of the checkpoint straight into it.
+    """
+    dtype = jnp.dtype(dtype)
+    for _, var in nnx.iter_graph(model):
+        if not isinstance(var, nnx.Param):
+            continue
+        value = var.get_value()
+        if not jnp.issubdtype(value.dtype, jnp.floating) or value.dtype == dtype:
+            continue
+        if isinstance(value, jax.ShapeDtypeStruct):
+            var.set_value(jax.ShapeDtypeStruct(value.shape, dtype, sharding=value.sharding))
+        else:
+            var.set_value(value.astype(dtype))
+    return model

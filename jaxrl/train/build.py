@@ -16,9 +16,9 @@ from jaxrl.data.iterator import BatchIterator
 from jaxrl.data.tokenize import Encoder
 from jaxrl.errors import JaxrlError
 from jaxrl.models import config as model_config
-from jaxrl.models.hf import load_pretrained, read_config
+from jaxrl.models.hf import check_tokenizer_files, load_pretrained, read_config
 from jaxrl.models.lora import add_lora
-from jaxrl.models.transformer import ScoreModel, Transformer
+from jaxrl.models.transformer import ScoreModel, Transformer, store_params
 from jaxrl.optim import make_optimizer
 from jaxrl.parallel.mesh import make_mesh
 from jaxrl.parallel.sharding import DATA_AXES, model_shardings, zero_layout
@@ -43,6 +43,7 @@ def load_tokenizer(model_path: str):
     try:
         return AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as e:
+        check_tokenizer_files(model_path)
         raise JaxrlError(f"{model_path} has no usable tokenizer files ({e}); save the tokenizer there") from e
 
 
@@ -53,8 +54,10 @@ class ModelSpec:
 
     path: str  # HF directory or preset name
     kind: str = "causal_lm"  # or 'score'
-    dtype: str = "fp32"
+    dtype: str = "fp32"  # compute dtype
+    param_dtype: str = "fp32"  # storage dtype: fp32 for a model that trains (master copy)
     remat: str = "none"
+    logits_chunk: int = 0  # causal LM: positions per LM-head chunk in the losses
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q", "v")
@@ -64,7 +67,16 @@ class ModelSpec:
 def spec_from(cfg: RunConfig, path: str | None = None, kind: str = "causal_lm") -> ModelSpec:
     lora = cfg.model.lora
     return ModelSpec(path=path or cfg.model.path, kind=kind, dtype=cfg.precision.compute, remat=cfg.model.remat,
-                     lora_rank=lora.rank, lora_alpha=lora.alpha, lora_targets=tuple(lora.targets), seed=cfg.seed)
+                     logits_chunk=cfg.model.logits_chunk, lora_rank=lora.rank, lora_alpha=lora.alpha,
+                     lora_targets=tuple(lora.targets), seed=cfg.seed)
+
+
+def frozen_spec(cfg: RunConfig, path: str | None = None, kind: str = "causal_lm") -> ModelSpec:
+    """A model that only runs forward (PPO's reference and reward model): no LoRA, no remat, and its
+    weights stored in the compute dtype (no fp32 master copy: nothing updates them) unless
+    `ppo.frozen_dtype` is fp32."""
+    stored = cfg.precision.compute if cfg.ppo.frozen_dtype == "compute" else "fp32"
+    return dataclasses.replace(spec_from(cfg, path, kind), lora_rank=0, remat="none", param_dtype=stored)
 
 
 def model_arch(path: str, tokenizer) -> model_config.ModelConfig:
@@ -78,22 +90,29 @@ def model_arch(path: str, tokenizer) -> model_config.ModelConfig:
 
 def build_model(spec: ModelSpec, arch: model_config.ModelConfig, mesh, stage: int):
     """The model on `mesh`, parameters born in the ZeRO `stage` layout; returns (model, layout)."""
-    cls = ScoreModel if spec.kind == "score" else Transformer
-    dtype = dtype_of(spec.dtype)
+    dtype, param_dtype = dtype_of(spec.dtype), dtype_of(spec.param_dtype)
 
     def fresh(sh):
-        model = cls(arch, rngs=nnx.Rngs(spec.seed), dtype=dtype, shardings=sh, remat=spec.remat)
-        return _lora(model, spec)
+        return _lora(new_model(spec, arch, sh), spec)
 
     layout = zero_layout(fresh, mesh, stage)
     shardings = model_shardings(shard_params=stage == 3, tensor=mesh.shape["tensor"] > 1)
     with jax.set_mesh(mesh):
         if spec.path in model_config.PRESETS:
-            model = fresh(shardings)
+            model = store_params(fresh(shardings), param_dtype)
         else:
             model = _lora(load_pretrained(spec.path, dtype=dtype, kind=spec.kind, shardings=shardings,
-                                          remat=spec.remat, seed=spec.seed), spec)
+                                          remat=spec.remat, seed=spec.seed, param_dtype=param_dtype,
+                                          logits_chunk=spec.logits_chunk), spec)
     return model, layout
+
+
+def new_model(spec: ModelSpec, arch: model_config.ModelConfig, shardings):
+    """A freshly initialised `Transformer` or `ScoreModel` as `spec` says (parameters in fp32, no LoRA)."""
+    kw = dict(rngs=nnx.Rngs(spec.seed), dtype=dtype_of(spec.dtype), shardings=shardings, remat=spec.remat)
+    if spec.kind == "score":
+        return ScoreModel(arch, **kw)
+    return Transformer(arch, logits_chunk=spec.logits_chunk, **kw)
 
 
 def _lora(model, spec: ModelSpec):
@@ -179,6 +198,16 @@ def iterator(arrays: dict, rows: int, seed: int, *, shuffle=True, num_epochs=Non
                          process_index=jax.process_index(), process_count=jax.process_count())
 
 
+def eval_iterator(arrays: dict, rows: int, limit: int | None = None) -> BatchIterator:
+    """One in-order pass over the first `limit` rows (all by default) in batches of `rows`, the last one
+    padded and every batch carrying the `valid` row mask (`BatchIterator.pad_last`): every held-out row
+    is evaluated once, whatever their number."""
+    if limit is not None:
+        arrays = {k: v[:limit] for k, v in arrays.items()}
+    return BatchIterator(arrays, rows, shuffle=False, num_epochs=1, pad_last=True,
+                         process_index=jax.process_index(), process_count=jax.process_count())
+
+
 def to_device(batch: dict, sharding) -> dict:
     """This process's rows -> global arrays sharded over the data axes (no host gather)."""
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
@@ -191,3 +220,24 @@ def weighted_mean(metrics: list[dict]) -> dict:
     w = np.array([float(m.get("weight", 1.0)) for m in metrics])
     keys = [k for k in metrics[0] if k != "weight"]
     return {k: float(np.sum(w * np.array([float(m[k]) for m in metrics])) / max(w.sum(), 1e-9)) for k in keys}
+
+
+# Metrics of the optimizer, not of the loss: after a window of micro-batches they describe its one update.
+OPTIMIZER_METRICS = ("grad_norm", "loss_scale", "skipped_steps")
+
+
+def window_metrics(micro: list[dict]) -> dict:
+    """One optimizer step's metrics from those of its `optim.grad_accum` micro-batches (host values).
+
+    The loss function's metrics are their weighted mean, sum_i w_i m_i / sum_i w_i (all micro-batches of
+    a window see the same parameters, so this is what one step on the window's rows together reports);
+    the optimizer's (`OPTIMIZER_METRICS`: the norm of the applied window gradient, the loss scale, the
+    skipped-step count) are the last micro-batch's; `weight` is sum_i w_i.
+    """
+    if len(micro) == 1:
+        return micro[0]
+    out = weighted_mean(micro)
+    out.update({k: micro[-1][k] for k in OPTIMIZER_METRICS if k in micro[-1]})
+    if "weight" in micro[-1]:
+        out["weight"] = float(sum(float(m["weight"]) for m in micro))
+    return out

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import orbax.checkpoint as ocp
 
 from jaxrl.errors import JaxrlError
+
+# What orbax/tensorstore say when a step's item or array files are gone or shorter than recorded.
+_DAMAGED = re.compile(r"NOT_FOUND|OUT_OF_RANGE|DATA_LOSS|does not exist|was not found|No such file")
 
 
 class Checkpointer:
@@ -91,10 +95,25 @@ class Checkpointer:
                 f"no checkpoint for step {step} in {self.directory}; available steps: {available or 'none'}"
             )
         state_args = ocp.args.StandardRestore() if target is None else ocp.args.StandardRestore(target)
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=state_args, extra=ocp.args.JsonRestore())
-        )
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(state=state_args, extra=ocp.args.JsonRestore())
+            )
+        except (KeyError, OSError, ValueError) as e:
+            if isinstance(e, ValueError) and not _DAMAGED.search(str(e)):
+                raise  # not a damaged file: e.g. a target whose shapes differ from the saved ones
+            raise JaxrlError(self._damaged(step, available, e)) from None
         return restored.state, dict(restored.extra)
+
+    def _damaged(self, step: int, available: list[int], error: BaseException) -> str:
+        """The error for a finalised step whose files have gone missing or been cut short since."""
+        step_dir = os.path.join(self.directory, str(step))
+        earlier = [s for s in available if s < step]
+        detail = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        resume = (f"delete {step_dir} to resume from step {earlier[-1]}, the previous checkpoint"
+                  if earlier else f"delete {step_dir} to start from step 0")
+        return (f"checkpoint step {step} in {step_dir} is corrupt or incomplete (a file is missing or "
+                f"truncated: {detail}); {resume}, or start afresh with a new --output")
 
     def wait(self) -> None:
         """Blocks until any save in progress is finalised on disk."""

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from jaxrl.config import save_yaml
 from jaxrl.errors import JaxrlError
 from jaxrl.train.checkpoint import Checkpointer
 from jaxrl.train.metrics import MetricsWriter
@@ -38,6 +39,7 @@ class Loop:
     restore_data: Callable[[dict], None] = lambda _: None
     show: tuple[str, ...] = ("loss",)  # metrics on the progress bar
     allow_nonfinite: bool = False  # fp16: the loss scaler skips overflowing steps instead
+    config: Any = None  # the run's config, echoed to OUTPUT/config.yaml when the loop starts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +54,11 @@ class Schedule:
 def run(loop: Loop, schedule: Schedule, output: str) -> Any:
     """Trains `loop.state` to `loop.steps`, resuming from OUTPUT/checkpoints when it holds any.
 
-    Returns the final state. SIGTERM/SIGINT save a checkpoint and raise `Interrupted`.
+    Returns the final state. SIGTERM/SIGINT save a checkpoint and raise `Interrupted`. Nothing is
+    written under `output` before this call, so a run rejected while loading its inputs leaves none.
     """
+    if loop.config is not None and jax.process_index() == 0:
+        save_yaml(loop.config, os.path.join(output, "config.yaml"))
     ckpt = Checkpointer(os.path.join(output, "checkpoints"), keep=schedule.keep)
     metrics = MetricsWriter(output)
     state, start = _resume(loop, ckpt, metrics)

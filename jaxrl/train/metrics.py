@@ -7,6 +7,12 @@ Every algorithm logs through `MetricsWriter`, so every run leaves the same three
 - TensorBoard event files (through tensorboardX, no TensorFlow) in `OUTPUT/tensorboard/`;
 - `OUTPUT/plots/<name>.png`, one curve per metric, drawn by `plot()` at the end of a run.
 
+Every JSON file is strict JSON (RFC 8259), which `jq`, JavaScript's `JSON.parse` and most readers
+other than Python's require: a non-finite value (the NaN `grad_norm` of an fp16 step the loss scaler
+skipped, an infinite loss) is written as `null`, through `strict_json`. The skip itself stays visible
+as the `skipped_steps` counter the step logs; TensorBoard gets no point for that step and the PNG
+curve a gap there.
+
 Only process 0 writes (`enabled`), so a multi-host run has one record, not one per host.
 """
 
@@ -82,11 +88,12 @@ class MetricsWriter:
             if name == "step":
                 raise ValueError("'step' is reserved in metrics.jsonl; pass the step as write(step, ...)")
             record[name] = _to_scalar(name, value)
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(strict_json(record) + "\n")
         self._file.flush()
         if self._tb is not None:
             for name, value in record.items():
-                if name != "step":
+                # A non-finite value is a missing point: TensorBoard gets nothing for this step, not a NaN.
+                if name != "step" and math.isfinite(value):
                     self._tb.add_scalar(name, value, global_step=record["step"])
 
     def truncate_after(self, step: int) -> None:
@@ -101,7 +108,8 @@ class MetricsWriter:
         kept = [r for r in _read_records(self.path, missing_ok=True) if r["step"] <= step]
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+            # strict_json also turns the NaN of a file written before this writer was strict into null.
+            f.writelines(strict_json(r) + "\n" for r in kept)
         os.replace(tmp, self.path)
         self._open(purge_step=step + 1)
 
@@ -135,6 +143,32 @@ class MetricsWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def strict_json(data: Any, **kwargs) -> str:
+    """`json.dumps(data, **kwargs)` as strict JSON: every non-finite float (NaN, +-inf) becomes `null`.
+
+    Python's `json` writes NaN and Infinity by default, which RFC 8259 does not allow. Floats are
+    sanitised recursively through dicts, lists and tuples (numpy floats included); the dump then runs
+    with `allow_nan=False`, so a non-finite value that escaped sanitising raises instead of being written.
+
+    Args:
+      data: JSON-ready data (dicts with string keys, lists, tuples, numbers, strings, bools, None).
+      kwargs: passed on to `json.dumps` (`indent`, `sort_keys`, ...).
+    Returns:
+      The JSON text.
+    """
+    return json.dumps(_finite_or_none(data), allow_nan=False, **kwargs)
+
+
+def _finite_or_none(data: Any) -> Any:
+    if isinstance(data, (float, np.floating)):
+        return float(data) if math.isfinite(data) else None
+    if isinstance(data, Mapping):
+        return {k: _finite_or_none(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite_or_none(v) for v in data]
+    return data
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -181,24 +215,45 @@ def _to_scalar(name: str, value: Any) -> int | float | bool:
     return scalar
 
 
+def _curve(records: list[dict], name: str) -> tuple[list[int], list[float]]:
+    """The steps and values of metric `name` to draw, NaN where the value is missing.
+
+    A line that holds `name` as null (or, in a file from before strict JSON, NaN or an infinity)
+    gives NaN at its step: a gap in the curve, not a point and not a line drawn across the skipped
+    step. Lines without `name` at all (an eval line among train lines) are not part of the curve.
+    """
+    steps, values = [], []
+    for r in records:
+        if name not in r:
+            continue
+        value = r[name]
+        steps.append(r["step"])
+        values.append(float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.nan)
+    return steps, values
+
+
 def _plot_one(records: list[dict], name: str, plot_dir: str) -> str:
+    path = os.path.join(plot_dir, name.replace("/", "_") + ".png")
+    _figure(records, name).savefig(path)
+    return path
+
+
+def _figure(records: list[dict], name: str):
+    """The matplotlib Figure of one metric's curve."""
     # Figure + Agg canvas directly, not pyplot: no global backend switch, no figure registry to leak.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    points = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float))]
-    points = [(s, v) for s, v in points if math.isfinite(v)]
+    steps, values = _curve(records, name)
     fig = Figure(figsize=(6, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    if points:
-        steps, values = zip(*points)
-        ax.plot(steps, values, marker="." if len(points) < 50 else None)
+    if steps:
+        # matplotlib draws no marker at a NaN and breaks the line there: a missing step is a gap.
+        ax.plot(steps, values, marker="." if len(steps) < 50 else None)
     ax.set_xlabel("step")
     ax.set_ylabel(name)
     ax.set_title(name)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    path = os.path.join(plot_dir, name.replace("/", "_") + ".png")
-    fig.savefig(path)
-    return path
+    return fig

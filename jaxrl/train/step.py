@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxrl.models.transformer import Transformer, set_layer_gather, shard_activations
 from jaxrl.parallel.mesh import settle
+from jaxrl.optim import window_grads
 from jaxrl.parallel.sharding import DATA_AXES, Layout, layer_spec, manual_spec, zero_dim
 from jaxrl.precision import loss_scale_of, skipped_steps_of
 
@@ -158,9 +159,12 @@ class Trainer:
             axis_names=set(DATA_AXES), check_vma=False,
         )
         grads, metrics = grads_fn(state.params, state.frozen, batch, scale)
+        # Under accumulation, the norm of the window's gradient so far: at the window's last micro-batch,
+        # that of the gradient the optimizer applies, what one step on the whole window would log.
+        grad_norm = optax.tree.norm(window_grads(state.opt_state, grads)) / scale
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads) / scale,
+        metrics = dict(metrics, grad_norm=grad_norm,
                        loss_scale=loss_scale_of(opt_state), skipped_steps=skipped_steps_of(opt_state))
         return TrainState(params=params, frozen=state.frozen, opt_state=opt_state, step=state.step + 1), metrics
 
