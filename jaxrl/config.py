@@ -352,7 +352,8 @@ class ModelSection:
 
     # An HF model directory, or the name of a preset for a fresh model ('tiny').
     path: str = "tiny"
-    # Rematerialization: none, full (recompute each block), dots (save only matmul outputs).
+    # Rematerialization: none, full (recompute each block), dots (save only matmul outputs). Under
+    # zero_stage 3, none saves what dots saves: keeping everything would keep every gathered layer.
     remat: Literal["none", "full", "dots"] = "none"
     # Sequence positions the LM head and its log-softmax handle at once in the losses and log-probs
     # (SFT, PPO, ptx), each chunk rematerialised in the backward pass: the (rows, positions, vocab) fp32

@@ -68,7 +68,7 @@ class SamplerState:
     tokens: jax.Array  # (B, N) int32 generated tokens, pad after a row stops
     logprobs: jax.Array  # (B, N) fp32 log pi(token) under the raw logits, 0 where mask is 0
     mask: jax.Array  # (B, N) int32 1 for generated tokens up to and including EOS
-    cache: list[dict[str, jax.Array]]  # per layer {'k', 'v'}: (B, S, K, H)
+    cache: dict[str, jax.Array]  # {'k', 'v'}: (L, B, S, K, H), stacked per layer
     kv_mask: jax.Array  # (B, S) int32 1 for cache slots holding real tokens
     last: jax.Array  # (B,) int32 the token sampled last, fed to the next step
     positions: jax.Array  # (B,) int32 position id of `last` (counted over real tokens)
@@ -130,19 +130,22 @@ def _put_column(buf, col, index):
 
 
 def _shard_rows(state: SamplerState, batch_sharding: NamedSharding | None) -> SamplerState:
-    """Pins the row axis of every per-row array to the batch sharding; other axes are left to XLA (so a
-    tensor-parallel model keeps its cache sharded by heads)."""
+    """Pins the row axis of every per-row array (axis 1 of the layer-stacked cache, axis 0 elsewhere) to
+    the batch sharding; other axes are left to XLA (so a tensor-parallel model keeps its cache sharded by
+    heads)."""
     if batch_sharding is None:
         return state
     rows = batch_sharding.spec[0] if len(batch_sharding.spec) else None
 
-    def pin(x):
+    def pin(x, row_axis=0):
         if x.ndim == 0:  # step, rng
             return x
-        spec = P(rows, *([P.UNCONSTRAINED] * (x.ndim - 1)))
-        return jax.lax.with_sharding_constraint(x, NamedSharding(batch_sharding.mesh, spec))
+        spec = [P.UNCONSTRAINED] * x.ndim
+        spec[:row_axis + 1] = [None] * row_axis + [rows]
+        return jax.lax.with_sharding_constraint(x, NamedSharding(batch_sharding.mesh, P(*spec)))
 
-    return jax.tree.map(pin, state)
+    cache = jax.tree.map(lambda x: pin(x, row_axis=1), state.cache)
+    return jax.tree.map(pin, state.replace(cache=None)).replace(cache=cache)
 
 
 # ----------------------------------------------------------------------------------- jitted functions
@@ -214,7 +217,7 @@ def _decode_one(model, s: SamplerState, cfg: SamplerConfig, batch_sharding) -> S
     return _shard_rows(new, batch_sharding)
 
 
-# The state (above all its KV cache, layers x B x S x K x H x 2, the largest buffer of generation) is
+# The state (above all its KV cache, L x B x S x K x H x 2, the largest buffer of generation) is
 # donated: XLA then runs the loop in the caller's buffers instead of holding a second copy of the cache.
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "batch_sharding"), donate_argnames=("state",))
 def decode(graphdef, params, state: SamplerState, *, cfg: SamplerConfig, batch_sharding=None) -> SamplerState:

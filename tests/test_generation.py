@@ -170,7 +170,7 @@ def test_tensor_parallel_model_with_sharded_rows_gives_the_same_tokens(models):
                          axis_types=(jax.sharding.AxisType.Auto,) * 3)
     with jax.set_mesh(mesh):
         tp_model = load_pretrained(directory, shardings=model_shardings(shard_params=False))
-    assert tp_model.layers[0].attn.q.kernel[...].sharding.spec == P(None, "tensor")
+    assert tp_model.layers.attn.q.kernel[...].sharding.spec == P(None, None, "tensor")
     rows = NamedSharding(mesh, P("data"))
     out = gen.generate(tp_model, PROMPTS_A, max_new_tokens=N, batch_sharding=rows)
     assert out == gen.generate(model, PROMPTS_A, max_new_tokens=N)

@@ -107,16 +107,16 @@ def _spec(x):
 
 def test_generation_copy_is_tensor_parallel_on_the_generation_mesh(case):
     copy, gen_mesh, t = case["copy"], case["gen_mesh"], case["tensor"]
-    layer = copy.layers[0]
-    assert _spec(layer.attn.q.kernel) == P(None, "tensor")
-    assert _spec(layer.attn.v.kernel) == P(None, "tensor")
-    assert _spec(layer.attn.o.kernel) == P("tensor", None)
-    assert _spec(layer.mlp.up.kernel) == P(None, "tensor")
-    assert _spec(layer.mlp.down.kernel) == P("tensor", None)
+    layer = copy.layers  # the stacked blocks: a leading, unsharded layer axis
+    assert _spec(layer.attn.q.kernel) == P(None, None, "tensor")
+    assert _spec(layer.attn.v.kernel) == P(None, None, "tensor")
+    assert _spec(layer.attn.o.kernel) == P(None, "tensor", None)
+    assert _spec(layer.mlp.up.kernel) == P(None, None, "tensor")
+    assert _spec(layer.mlp.down.kernel) == P(None, "tensor", None)
     assert _spec(copy.lm_head.kernel) == P(None, "tensor")
     # Each device holds 1/tensor of a projection; generation data-parallel groups hold the same slices.
     q = layer.attn.q.kernel.get_value()
-    assert q.addressable_shards[0].data.shape == (CFG.hidden_size, CFG.num_heads * CFG.head_dim // t)
+    assert q.addressable_shards[0].data.shape == (CFG.num_layers, CFG.hidden_size, CFG.num_heads * CFG.head_dim // t)
     leaves = jax.tree.leaves(nnx.to_pure_dict(nnx.state(copy)))
     for x in leaves:
         assert isinstance(x.sharding, NamedSharding) and x.sharding.mesh == gen_mesh
@@ -125,7 +125,7 @@ def test_generation_copy_is_tensor_parallel_on_the_generation_mesh(case):
     assert not any(m.lora is not None for m in (layer.attn.q, layer.attn.v, layer.mlp.down))
     if not case["lora"]:  # the copy holds exactly the training parameters
         trained = case["before"].params
-        np.testing.assert_array_equal(np.asarray(q), trained["layers"][0]["attn"]["q"]["kernel"])
+        np.testing.assert_array_equal(np.asarray(q), trained["layers"]["attn"]["q"]["kernel"])
         np.testing.assert_array_equal(np.asarray(copy.embed.embedding.get_value()), trained["embed"]["embedding"])
 
 
@@ -172,7 +172,7 @@ def test_lora_is_folded_into_the_generation_copy(case):
     params = jax.device_put(before.params, trainer.state_shardings.params)
     frozen = jax.device_put(before.frozen, trainer.state_shardings.frozen)
     lora_model = nnx.merge(trainer.graphdef, params, frozen)
-    assert float(jnp.abs(lora_model.layers[0].attn.q.lora.lora_b.get_value()).max()) > 0  # a live branch
+    assert float(jnp.abs(lora_model.layers.attn.q.lora.lora_b.get_value()[0]).max()) > 0  # a live branch
     logits = nnx.jit(lambda m, i, k: m(i, k))
     with jax.set_mesh(case["mesh"]):
         expected = np.asarray(logits(lora_model, ids, mask))

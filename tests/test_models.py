@@ -79,11 +79,11 @@ def test_loading_under_a_mesh_places_each_tensor_on_its_shards(hf_models):
     sh = model_shardings(shard_params=True)
     with jax.set_mesh(mesh):
         model = load_pretrained(directory, shardings=sh)
-    q = model.layers[0].attn.q.kernel[...]
-    assert q.sharding.spec == P(("data", "fsdp"), "tensor")
-    assert q.addressable_shards[0].data.shape == (64 // 4, 64 // 2)  # a slice, not a replica
-    down = model.layers[1].mlp.down.kernel[...]
-    assert down.sharding.spec == P("tensor", ("data", "fsdp"))
+    q = model.layers.attn.q.kernel[...]  # (L, D, N*H): layers stacked, the layer axis unsharded
+    assert q.sharding.spec == P(None, ("data", "fsdp"), "tensor")
+    assert q.addressable_shards[0].data.shape == (2, 64 // 4, 64 // 2)  # a slice, not a replica
+    down = model.layers.mlp.down.kernel[...]
+    assert down.sharding.spec == P(None, "tensor", ("data", "fsdp"))
     ids, mask = fx.padded_batch()
     ref = fx.torch_logits(torch_model, ids, mask)
     with jax.set_mesh(mesh):

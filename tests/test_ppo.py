@@ -207,7 +207,7 @@ def test_ppo_exports_load_in_transformers(one_device, eight_devices):
         with torch.no_grad():
             assert torch.isfinite(model(ids).logits).all(), name
     q = AutoModelForCausalLM.from_pretrained(str(out / "hf")).model.layers[0].self_attn.q_proj.weight.detach().numpy()
-    want = final["actor"].params["layers"][0]["attn"]["q"]["kernel"].T
+    want = final["actor"].params["layers"]["attn"]["q"]["kernel"][0].T
     np.testing.assert_allclose(q, want, rtol=1e-5, atol=1e-6)
 
 

@@ -8,12 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxrl.models.config import preset
-from jaxrl.models.transformer import Transformer
+from jaxrl.models.transformer import Transformer, shard_activations
 from jaxrl.optim import LossScaleConfig, OptimConfig, make_optimizer
 from jaxrl.parallel.mesh import make_mesh
-from jaxrl.parallel.sharding import model_shardings, zero_layout
+from jaxrl.parallel.sharding import DATA_AXES, model_shardings, spec_tree, zero_layout
 from jaxrl.train.step import Trainer
 
 CFG = preset("tiny")
@@ -132,6 +134,62 @@ def test_each_stage_has_its_collectives_and_memory():
     assert opt[1] < opt[0] / 7 and opt[3] < opt[0] / 7
 
 
+def _while_bodies(hlo):
+    """{computation name: its text} for every computation some while loop runs as its body."""
+    names = set(re.findall(r"body=%?([\w.\-]+)", hlo))
+    comps = re.split(r"\n(?=\S[^\n]*\{\s*$)", hlo, flags=re.M)
+    return {m.group(1): c for c in comps if (m := re.match(r"%?([\w.\-]+)", c)) and m.group(1) in names}
+
+
+def test_stage3_gathers_one_layer_at_a_time():
+    """ZeRO-3 all-gathers inside the layer scan, so temporaries grow with the activations, not with the
+    full parameters, as layers are added (gathering the whole model first grew them by ~1.25x the
+    added parameter bytes)."""
+    batch = {"input_ids": jax.ShapeDtypeStruct((8, 8), jnp.int32),
+             "attention_mask": jax.ShapeDtypeStruct((8, 8), jnp.int32)}
+    mesh = make_mesh(1, 8, 1)
+    temp, param_bytes = {}, {}
+    for layers in (2, 8):
+        cfg = CFG.replace(num_layers=layers)
+        build = lambda sh: Transformer(cfg, rngs=nnx.Rngs(0), shardings=sh)  # noqa: E731
+        with jax.set_mesh(mesh):
+            model = nnx.eval_shape(lambda: build(model_shardings(shard_params=True, tensor=False)))
+        trainer = Trainer(model, make_optimizer(OptimConfig(lr=1e-2), 10), lm_loss, mesh=mesh,
+                          layout=zero_layout(build, mesh, 3))
+        state = trainer.abstract_state()
+        with jax.set_mesh(mesh):
+            compiled = trainer.lower(state, batch).compile()
+        temp[layers] = compiled.memory_analysis().temp_size_in_bytes
+        param_bytes[layers] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params))
+    hlo = compiled.as_text()
+    gathers_in_loops = sum(len(re.findall(r"\ball-gather(?:-start)?\(", c)) for c in _while_bodies(hlo).values())
+    scatters_in_loops = sum(len(re.findall(r"\breduce-scatter(?:-start)?\(", c)) for c in _while_bodies(hlo).values())
+    projections = 7  # q, k, v, o, gate, up, down: gathered in the forward scan and again in the backward scan
+    assert gathers_in_loops >= 2 * projections, gathers_in_loops
+    assert scatters_in_loops >= projections, scatters_in_loops  # each layer's gradient, in the backward scan
+    assert temp[8] - temp[2] < 0.5 * (param_bytes[8] - param_bytes[2]), (temp, param_bytes)
+
+
+def test_stage3_frozen_forward_gathers_one_layer_at_a_time():
+    """A frozen model's GSPMD forward on ZeRO-3 parameters (PPO's reference and reward scoring, eval)
+    gathers inside the scan too: its temporaries do not grow with the layers' parameter bytes."""
+    mesh = make_mesh(1, 8, 1)
+    ids = jax.ShapeDtypeStruct((8, 8), jnp.int32, sharding=NamedSharding(mesh, P(DATA_AXES)))
+    temp, param_bytes = {}, {}
+    for layers in (2, 8):
+        with jax.set_mesh(mesh):
+            model = nnx.eval_shape(lambda: Transformer(CFG.replace(num_layers=layers), rngs=nnx.Rngs(0),
+                                                       shardings=model_shardings(shard_params=True, tensor=False)))
+        graphdef, state = nnx.split(model)
+        state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
+                             nnx.to_pure_dict(state), spec_tree(state))
+        forward = jax.jit(lambda st, i: shard_activations(nnx.merge(graphdef, st), P(DATA_AXES))(i).sum())
+        with jax.set_mesh(mesh):
+            temp[layers] = forward.lower(state, ids).compile().memory_analysis().temp_size_in_bytes
+        param_bytes[layers] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    assert temp[8] - temp[2] < 0.1 * (param_bytes[8] - param_bytes[2]), (temp, param_bytes)
+
+
 def test_grad_accum_equals_one_big_batch():
     mesh = make_mesh(8, 1, 1)
     big = make_batches(1, rows=32)[0]
@@ -234,8 +292,10 @@ def test_lora_trains_only_lora_and_merges_for_export(tmp_path):
             state, m = trainer.step(state, batch)
             losses.append(float(m["loss"]))
     assert losses[-1] < losses[0]
-    assert set(jax.tree.leaves(jax.tree.map(lambda x: x.ndim, state.params))) == {2}
-    assert len(jax.tree.leaves(state.params)) == 2 * 3 * CFG.num_layers  # A and B per target per layer
+    # A [L, in, r] and B [L, r, out] per target, stacked over the layers like their kernels
+    assert {x.shape[0] for x in jax.tree.leaves(state.params)} == {CFG.num_layers}
+    assert set(jax.tree.leaves(jax.tree.map(lambda x: x.ndim, state.params))) == {3}
+    assert len(jax.tree.leaves(state.params)) == 2 * 3
     for x, y in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(jax.device_get(state.frozen))):
         np.testing.assert_array_equal(x, y)
 

@@ -3,6 +3,8 @@
 One declarative table per family maps HF tensor names to jaxrl parameter paths ({i} = layer index),
 with a transform: 'T' transposes a torch Linear weight [out, in] to our kernel [in, out]; 'split3'
 cuts GPT-2's fused c_attn into q, k, v. Every tensor's shape is checked against the model's.
+Per-layer tensors (`layers.{i}.X`) go into, and come out of, row i of the stacked parameter `layers.X`
+(leading layer axis L; see jaxrl.models.transformer).
 Safetensors only: nothing is ever unpickled.
 """
 
@@ -241,18 +243,18 @@ def config_to_hf(cfg: ModelConfig, *, score: bool = False) -> dict:
 
 # ------------------------------------------------------------------------------------------- mapping
 def _expand(cfg: ModelConfig, *, score: bool):
-    """(hf_name, our_path, transform, part) for every tensor of this model, layers expanded."""
+    """(hf_names, our_path, transform, part) for every parameter of this model: `hf_names` is one name,
+    or for a stacked per-layer parameter the list of its L per-layer names (row i = layer i)."""
     rows = []
     table = TABLES[cfg.family] + [HEADS[1] if score else HEADS[0]]
     for hf, ours, fn in table:
-        for i in range(cfg.num_layers) if "{i}" in hf else [None]:
-            h = hf.format(i=i) if i is not None else hf
-            o = ours.replace("{i}", str(i)) if i is not None else ours
-            if fn == "split3":
-                for part, name in enumerate("qkv"):
-                    rows.append((h, o.replace("{q,k,v}", name), fn, part))
-            else:
-                rows.append((h, o, fn, 0))
+        names = [hf.format(i=i) for i in range(cfg.num_layers)] if "{i}" in hf else hf
+        ours = ours.replace("layers.{i}.", "layers.")
+        if fn == "split3":
+            for part, name in enumerate("qkv"):
+                rows.append((names, ours.replace("{q,k,v}", name), fn, part))
+        else:
+            rows.append((names, ours, fn, 0))
     return rows
 
 
@@ -302,16 +304,17 @@ def load_pretrained(path: str, dtype=jnp.float32, *, kind: str = "causal_lm",
     params = {_score_prefix(k) if score else k: (k, v) for k, v in _flat_params(abstract).items()}
     values = {}
     has_head = "score.weight" in store.keys() if score else True
-    for hf_name, ours, fn, part in _expand(cfg, score=score):
+    for hf_names, ours, fn, part in _expand(cfg, score=score):
         if ours not in params:
             continue
         full_path, var = params.pop(ours)
-        if hf_name not in store.keys():
+        missing = [n for n in ([hf_names] if isinstance(hf_names, str) else hf_names) if n not in store.keys()]
+        if missing:
             if score and ours == "score.kernel" and not has_head:
                 values[full_path] = _fresh(var)
                 continue
-            raise JaxrlError(f"{path}: checkpoint lacks tensor {hf_name} (needed for {ours})")
-        values[full_path] = _load_tensor(store, hf_name, fn, part, var, path)
+            raise JaxrlError(f"{path}: checkpoint lacks tensor {missing[0]} (needed for {ours})")
+        values[full_path] = _load_tensor(store, hf_names, fn, part, var, path)
     if params:
         raise JaxrlError(f"{path}: no checkpoint tensor for parameters {sorted(params)}")
     flat = dict(nnx.to_flat_state(abstract_state))
@@ -339,10 +342,32 @@ def read_config(path: str) -> ModelConfig:
                          f"needs: the file is incomplete; {REFETCH}") from None
 
 
-def _load_tensor(store: TensorStore, name, fn, part, var, path):
-    """One parameter, read slice by slice onto its sharding (no full replica on one device)."""
-    src = store.get(name)
+def _load_tensor(store: TensorStore, names, fn, part, var, path):
+    """One parameter, read slice by slice onto its sharding (no full replica on one device).
+
+    `names` is one tensor name, or the L per-layer names of a stacked parameter: a device then reads,
+    from each layer in its slice of the layer axis, only its slice of the other axes.
+    """
+    stacked = not isinstance(names, str)
     want = tuple(var.shape)
+    per_layer = want[1:] if stacked else want
+    sources = [_source(store, name, fn, part, per_layer, path) for name in (names if stacked else [names])]
+    dtype = var.dtype
+
+    def read(idx):  # idx: a tuple of slices into `want`
+        if not stacked:
+            return np.asarray(sources[0][idx], dtype=dtype)
+        return np.stack([np.asarray(src[idx[1:]], dtype=dtype) for src in sources[idx[0]]])
+
+    sharding = _concrete_sharding(var)
+    if sharding is None:
+        return jnp.asarray(read(tuple(slice(None) for _ in want)))
+    return jax.make_array_from_callback(want, sharding, read)
+
+
+def _source(store: TensorStore, name, fn, part, want, path):
+    """The memory-mapped tensor `name` in our layout (transposed / split as `fn` says), shape-checked."""
+    src = store.get(name)
     if fn == "T":
         src = src.T
     elif fn == "split3":
@@ -350,11 +375,7 @@ def _load_tensor(store: TensorStore, name, fn, part, var, path):
     if tuple(src.shape) != want:
         raise JaxrlError(f"{path}: tensor {name} has shape {tuple(store.shape(name))}, expected "
                          f"{want if fn != 'T' else want[::-1]} for this config")
-    sharding = _concrete_sharding(var)
-    dtype = var.dtype
-    if sharding is None:
-        return jnp.asarray(np.asarray(src, dtype=dtype))
-    return jax.make_array_from_callback(want, sharding, lambda idx: np.asarray(src[idx], dtype=dtype))
+    return src
 
 
 def _concrete_sharding(var):
@@ -387,16 +408,18 @@ def save_pretrained(model, path: str, *, tokenizer=None, dtype=np.float32) -> No
     cfg = model.config
     tensors = {}
     params = {(_score_prefix(k) if score else k): v for k, v in _flat_params(model).items()}
-    for hf_name, ours, fn, part in _expand(cfg, score=score):
+    for hf_names, ours, fn, part in _expand(cfg, score=score):
         if ours not in params:
             continue
         value = to_host(params[ours].get_value())
-        if fn == "T":
-            tensors[hf_name] = np.ascontiguousarray(value.T)
-        elif fn == "split3":
-            tensors.setdefault(hf_name, [None] * 3)[part] = value
-        else:
-            tensors[hf_name] = value
+        rows = [(hf_names, value)] if isinstance(hf_names, str) else zip(hf_names, value)  # layer i = row i
+        for hf_name, v in rows:
+            if fn == "T":
+                tensors[hf_name] = np.ascontiguousarray(v.T)
+            elif fn == "split3":
+                tensors.setdefault(hf_name, [None] * 3)[part] = v
+            else:
+                tensors[hf_name] = v
     tensors = {k: np.ascontiguousarray(np.concatenate(v, axis=-1) if isinstance(v, list) else v).astype(dtype)
                for k, v in tensors.items()}
     if jax.process_index() == 0:

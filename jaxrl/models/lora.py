@@ -2,10 +2,13 @@
 
 A LoRA branch adds (alpha / r) * x @ A @ B to a projection x @ W, with A [in, r], B [r, out]; B starts
 at zero so the model is unchanged at first. Train only the branches with `wrt=nnx.LoRAParam`.
+On the stacked blocks (kernel [L, in, out]) the branch is stacked too: A [L, in, r], B [L, r, out],
+each layer initialised independently, the layer axis unsharded like the kernel's.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -29,15 +32,27 @@ def add_lora(model: nnx.Module, *, rank: int, alpha: float, targets=("q", "v"), 
     for path, module in nnx.iter_graph(model):
         if not (isinstance(module, Dense) and path and path[-1] in targets):
             continue
-        din, dout = module.kernel.shape
+        *lead, din, dout = module.kernel.shape  # lead: (L,) on the stacked blocks, () elsewhere
         meta_a, meta_b = {}, {}
         if mesh is not None:
-            spec = tuple(module.kernel.get_metadata().get("out_sharding") or ()) + (None, None)
-            meta_a = {"out_sharding": fit_spec(P(spec[0], None), (din, rank), mesh)}
-            meta_b = {"out_sharding": fit_spec(P(None, spec[1]), (rank, dout), mesh)}
-        module.lora = nnx.LoRA(din, rank, dout, dtype=module.dtype, rngs=rngs, a_metadata=meta_a, b_metadata=meta_b)
+            spec = tuple(module.kernel.get_metadata().get("out_sharding") or ())
+            spec = spec + (None,) * (len(lead) + 2 - len(spec))
+            lead_spec, (d_in, d_out) = spec[:len(lead)], spec[len(lead):]
+            meta_a = {"out_sharding": fit_spec(P(*lead_spec, d_in, None), (*lead, din, rank), mesh)}
+            meta_b = {"out_sharding": fit_spec(P(*lead_spec, None, d_out), (*lead, rank, dout), mesh)}
+        module.lora = nnx.LoRA(din, rank, dout, dtype=module.dtype, rngs=rngs, a_metadata=meta_a, b_metadata=meta_b,
+                               a_initializer=_stacked(nnx.nn.lora.default_a_initializer, lead),
+                               b_initializer=_stacked(nnx.nn.lora.default_b_initializer, lead))
         module.lora_scale = alpha / rank
     return model
+
+
+def _stacked(init, lead: list[int]):
+    """`init` for one layer's matrix, made to return `lead` independently drawn ones stacked in front."""
+    if not lead:
+        return init
+    return lambda key, shape, dtype: jax.vmap(lambda k: init(k, shape, dtype))(
+        jax.random.split(key, lead[0]))
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
@@ -45,7 +60,7 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     for _, module in nnx.iter_graph(model):
         if isinstance(module, Dense) and module.lora is not None:
             a, b = module.lora.lora_a[...], module.lora.lora_b[...]
-            delta = module.lora_scale * jnp.einsum("ir,ro->io", a, b)
+            delta = module.lora_scale * jnp.einsum("...ir,...ro->...io", a, b)
             module.kernel[...] = module.kernel[...] + delta.astype(module.kernel.dtype)
             module.lora = nnx.data(None)
             module.lora_scale = 0.0

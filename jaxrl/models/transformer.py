@@ -6,6 +6,11 @@ width, E embedding width, V vocab, N query heads, K key/value heads, H head dim,
 Parameters are created with `out_sharding` from a `ModelShardings`, so a model built under
 `jax.set_mesh(mesh)` has parameters born sharded. Weights are kept in `param_dtype` (fp32 master) and
 cast to the compute `dtype` where they are used; norms and softmax run in fp32.
+
+The blocks are one stacked `Block` (`Transformer.layers`): every block parameter has a leading layer
+axis L (never sharded: its PartitionSpec starts with None), and `forward` runs `jax.lax.scan` over it,
+so compile time does not grow with depth and a ZeRO-3 gather can fetch one layer at a time
+(`set_layer_gather`). The KV cache is stacked the same way: {'k', 'v'} of (L, B, S, K, H).
 """
 
 from __future__ import annotations
@@ -24,9 +29,14 @@ from jaxrl.parallel.sharding import ModelShardings, current_mesh, fit_spec
 INIT_STD = 0.02
 
 
-def _param(rngs, shape, spec: P, *, init="normal", dtype=jnp.float32) -> nnx.Param:
-    """A parameter of `shape`, sharded by `spec` when a mesh is set (axes that do not divide drop out)."""
+def _param(rngs, shape, spec: P, *, init="normal", layers=0, dtype=jnp.float32) -> nnx.Param:
+    """A parameter of `shape`, sharded by `spec` when a mesh is set (axes that do not divide drop out).
+
+    `layers` > 0 stacks it: shape (layers, *shape), spec (None, *spec), the layer axis unsharded.
+    """
     mesh = current_mesh()
+    if layers:
+        shape, spec = (layers, *shape), P(None, *spec)
     if init == "normal":
         value = INIT_STD * jax.random.normal(rngs.params(), shape, dtype)
     else:
@@ -39,9 +49,9 @@ def _param(rngs, shape, spec: P, *, init="normal", dtype=jnp.float32) -> nnx.Par
 class Dense(nnx.Module):
     """y = x @ kernel (+ bias), kernel [in, out]; an optional LoRA branch adds (alpha/r) * x @ A @ B."""
 
-    def __init__(self, din, dout, *, bias, kernel_spec, bias_spec, dtype, rngs):
-        self.kernel = _param(rngs, (din, dout), kernel_spec)
-        self.bias = _param(rngs, (dout,), bias_spec, init="zeros") if bias else None
+    def __init__(self, din, dout, *, bias, kernel_spec, bias_spec, dtype, rngs, layers=0):
+        self.kernel = _param(rngs, (din, dout), kernel_spec, layers=layers)
+        self.bias = _param(rngs, (dout,), bias_spec, init="zeros", layers=layers) if bias else None
         self.lora = nnx.data(None)  # a LoRA branch, set by jaxrl.models.lora.add_lora
         self.lora_scale = 0.0
         self.dtype = dtype
@@ -58,9 +68,9 @@ class Dense(nnx.Module):
 class Norm(nnx.Module):
     """RMSNorm (Llama family) or LayerNorm (OPT, GPT-2), computed in fp32."""
 
-    def __init__(self, dim, *, kind, eps, spec, dtype, rngs):
-        self.scale = _param(rngs, (dim,), spec, init="ones")
-        self.bias = _param(rngs, (dim,), spec, init="zeros") if kind == "layer" else None
+    def __init__(self, dim, *, kind, eps, spec, dtype, rngs, layers=0):
+        self.scale = _param(rngs, (dim,), spec, init="ones", layers=layers)
+        self.bias = _param(rngs, (dim,), spec, init="zeros", layers=layers) if kind == "layer" else None
         self.eps = eps
         self.dtype = dtype
 
@@ -115,19 +125,20 @@ def apply_rope(x, positions, inv_freq):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, sh: ModelShardings, dtype, rngs):
+    def __init__(self, cfg: ModelConfig, sh: ModelShardings, dtype, rngs, layers=0):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        col = dict(kernel_spec=sh.in_dx, bias_spec=sh.bias_x, dtype=dtype, rngs=rngs)
+        col = dict(kernel_spec=sh.in_dx, bias_spec=sh.bias_x, dtype=dtype, rngs=rngs, layers=layers)
         self.q = Dense(d, n * h, bias=cfg.qkv_bias, **col)
         self.k = Dense(d, k * h, bias=cfg.qkv_bias, **col)
         self.v = Dense(d, k * h, bias=cfg.qkv_bias, **col)
         self.o = Dense(n * h, d, bias=cfg.out_bias, kernel_spec=sh.out_xd, bias_spec=sh.vec_d,
-                       dtype=dtype, rngs=rngs)
+                       dtype=dtype, rngs=rngs, layers=layers)
         self.shape = (n, k, h)
         self.rope_cfg = cfg if cfg.position == "rope" else None  # static; frequencies built at trace time
 
-    def __call__(self, x, positions, mask, cache=None, cache_index=None):
-        """x (B, T, D); mask (B, 1, T, S) bool; cache {'k','v'}: (B, S, K, H) written at cache_index."""
+    def __call__(self, x, positions, mask, cache=None, cache_index=None, layer=None):
+        """x (B, T, D); mask (B, 1, T, S) bool; cache {'k','v'}: the stacked (L, B, S, K, H) cache, this
+        block's keys and values written into layer `layer` at slots [cache_index, cache_index + T)."""
         n, k, h = self.shape
         b, t, _ = x.shape
         q = self.q(x).reshape(b, t, n, h)
@@ -138,10 +149,12 @@ class Attention(nnx.Module):
             q = apply_rope(q, positions, inv_freq)
             key = apply_rope(key, positions, inv_freq)
         if cache is not None:
-            start = (0, cache_index, 0, 0)
-            key = jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), start)
-            value = jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), start)
-            cache = {"k": key, "v": value}
+            # Written in place into the carried stack (no per-layer copy of the cache), then this
+            # layer's (B, S, K, H) slice is read back for attention.
+            start = (layer, 0, cache_index, 0, 0)
+            cache = {name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype), start)
+                     for name, new in (("k", key), ("v", value))}
+            key, value = cache["k"][layer], cache["v"][layer]
         dtype = q.dtype
         if dtype == jnp.float16 and jax.default_backend() == "cpu":
             dtype = jnp.float32  # XLA:CPU has no fp16 x fp16 -> fp32 dot, which attention's scores use
@@ -150,13 +163,13 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, sh: ModelShardings, dtype, rngs):
+    def __init__(self, cfg: ModelConfig, sh: ModelShardings, dtype, rngs, layers=0):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        col = dict(kernel_spec=sh.in_dx, bias_spec=sh.bias_x, dtype=dtype, rngs=rngs)
+        col = dict(kernel_spec=sh.in_dx, bias_spec=sh.bias_x, dtype=dtype, rngs=rngs, layers=layers)
         self.gate = Dense(d, f, bias=cfg.mlp_bias, **col) if cfg.gated_mlp else None
         self.up = Dense(d, f, bias=cfg.mlp_bias, **col)
         self.down = Dense(f, d, bias=cfg.mlp_bias, kernel_spec=sh.out_xd, bias_spec=sh.vec_d,
-                          dtype=dtype, rngs=rngs)
+                          dtype=dtype, rngs=rngs, layers=layers)
         self.act = _ACTIVATIONS[cfg.activation]
 
     def __call__(self, x):  # (B, T, D)
@@ -174,21 +187,24 @@ _ACTIVATIONS = {
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, sh: ModelShardings, dtype, rngs):
-        norm = dict(kind=cfg.norm, eps=cfg.norm_eps, spec=sh.vec_d, dtype=dtype, rngs=rngs)
+    """One transformer block; built with `layers=L` it holds all L blocks' parameters stacked on a leading
+    axis, and is called on one layer's slice (inside `Transformer.forward`'s scan)."""
+
+    def __init__(self, cfg: ModelConfig, sh: ModelShardings, dtype, rngs, layers=0):
+        norm = dict(kind=cfg.norm, eps=cfg.norm_eps, spec=sh.vec_d, dtype=dtype, rngs=rngs, layers=layers)
         self.attn_norm = Norm(cfg.hidden_size, **norm)
-        self.attn = Attention(cfg, sh, dtype, rngs)
+        self.attn = Attention(cfg, sh, dtype, rngs, layers)
         self.mlp_norm = Norm(cfg.hidden_size, **norm)
-        self.mlp = MLP(cfg, sh, dtype, rngs)
+        self.mlp = MLP(cfg, sh, dtype, rngs, layers)
         self.pre_norm = cfg.pre_norm
 
-    def __call__(self, x, positions, mask, cache=None, cache_index=None):
+    def __call__(self, x, positions, mask, cache=None, cache_index=None, layer=None):
         if self.pre_norm:
-            h, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index)
+            h, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index, layer)
             x = x + h
             return x + self.mlp(self.mlp_norm(x)), cache
         # OPT-350m: post-LN blocks
-        h, cache = self.attn(x, positions, mask, cache, cache_index)
+        h, cache = self.attn(x, positions, mask, cache, cache_index, layer)
         x = self.attn_norm(x + h)
         return self.mlp_norm(x + self.mlp(x)), cache
 
@@ -225,7 +241,7 @@ class Transformer(nnx.Module):
                                 rngs=rngs) if proj else None
         self.project_out = Dense(d, e, bias=False, kernel_spec=sh.proj_de, bias_spec=P(), dtype=dtype,
                                  rngs=rngs) if proj else None
-        self.layers = nnx.List([Block(cfg, sh, dtype, rngs) for _ in range(cfg.num_layers)])
+        self.layers = Block(cfg, sh, dtype, rngs, layers=cfg.num_layers)  # stacked: (L, ...) per parameter
         self.final_norm = (
             Norm(d, kind=cfg.norm, eps=cfg.norm_eps, spec=sh.vec_d, dtype=dtype, rngs=rngs)
             if cfg.final_norm else None
@@ -237,6 +253,7 @@ class Transformer(nnx.Module):
         )
         self.has_lm_head = lm_head
         self.act_spec = None  # PartitionSpec of (B, T, D) activations under GSPMD; see shard_activations
+        self.layer_gather = None  # one layer's params -> params used by its block; see set_layer_gather
 
     def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None):
         hidden, _ = self.forward(input_ids, attention_mask, positions=positions, segment_ids=segment_ids)
@@ -255,7 +272,7 @@ class Transformer(nnx.Module):
           attention_mask: (B, T) 1 for real tokens, 0 for padding (left or right); None = all real.
           positions: (B, T) position ids; default: counted over real tokens (cumsum of the mask - 1),
             so left-padded rows start at position 0.
-          cache: per-layer list of {'k', 'v'} (B, S, K, H); this call writes slots
+          cache: {'k', 'v'} stacked per layer, (L, B, S, K, H); this call writes slots
             [cache_index, cache_index + T) and attends to every slot <= its own.
           kv_mask: (B, S) which cache slots hold real tokens (including those written now).
           segment_ids: (B, T) packed rows: tokens attend only within their own segment (no cache).
@@ -271,7 +288,7 @@ class Transformer(nnx.Module):
         if cache is None:
             kv_mask, k_slot = attention_mask, jnp.arange(t)
         else:
-            k_slot = jnp.arange(cache[0]["k"].shape[1])
+            k_slot = jnp.arange(cache["k"].shape[2])
         mask = k_slot[None, :] <= q_slot[:, None]  # (T, S) causal by slot
         if self.config.sliding_window:
             mask &= q_slot[:, None] - k_slot[None, :] < self.config.sliding_window
@@ -285,20 +302,47 @@ class Transformer(nnx.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions + self.config.position_offset).astype(self.dtype)
 
-        block_call = _block_call(self.remat)
-        new_cache = [] if cache is not None else None
-        for i, block in enumerate(self.layers):
-            x, layer_cache = block_call(block, x, positions, mask, None if cache is None else cache[i],
-                                        cache_index)
-            if cache is not None:
-                new_cache.append(layer_cache)
-            if self.act_spec is not None:
-                x = jax.lax.with_sharding_constraint(x, self.act_spec)
+        x, new_cache = self._scan_blocks(x, positions, mask, cache, cache_index)
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.project_out is not None:
             x = self.project_out(x)
         return x, new_cache
+
+    def _scan_blocks(self, x, positions, mask, cache, cache_index):
+        """x (B, T, D) through the L stacked blocks with `jax.lax.scan`; the cache rides in the carry.
+
+        The body merges one layer's slice of the stacked parameters into a Block (after `layer_gather`,
+        e.g. ZeRO-3's all-gather of that layer) and is rematerialised by `self.remat`. With a gather, the
+        gathered layer is never saved for the backward pass (it is gathered again there; remat 'none' then
+        saves what 'dots' saves), so ZeRO-3 holds about two layers of full parameters at a time.
+        """
+        graphdef, stacked = nnx.split(self.layers)
+        stacked = nnx.to_pure_dict(stacked)
+        gather, act_spec = self.layer_gather, self.act_spec
+
+        def body(carry, xs):
+            h, layer_cache = carry
+            params, layer = xs
+            if gather is not None:
+                params = gather(params)
+            h, layer_cache = nnx.merge(graphdef, params)(h, positions, mask, layer_cache, cache_index, layer)
+            if act_spec is not None:
+                h = jax.lax.with_sharding_constraint(h, act_spec)
+            return (h, layer_cache), None
+
+        if self.remat in REMAT_POLICIES:
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        elif self.remat != "none":
+            raise ValueError(f"model.remat must be one of none, {', '.join(REMAT_POLICIES)}; got {self.remat!r}")
+        elif gather is not None:
+            # Saving everything would keep every gathered layer (and values derived from it) until the
+            # backward pass, i.e. the whole model. Save the projections' outputs (as remat='dots' does)
+            # and gather the layer again in the backward scan instead.
+            body = jax.checkpoint(body, policy=REMAT_POLICIES["dots"], prevent_cse=False)
+        layers = jnp.arange(self.config.num_layers)
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, layers))
+        return x, cache
 
     def logits(self, hidden):
         """(B, T, E) -> (B, T, V) fp32."""
@@ -307,12 +351,12 @@ class Transformer(nnx.Module):
         table = self.embed.embedding[...].astype(self.dtype)
         return jnp.einsum("bte,ve->btv", hidden.astype(self.dtype), table).astype(jnp.float32)
 
-    def init_cache(self, batch: int, length: int, dtype=None) -> list[dict]:
-        """An empty KV cache: per layer {'k', 'v'} of (B, S, K, H)."""
+    def init_cache(self, batch: int, length: int, dtype=None) -> dict:
+        """An empty KV cache, stacked per layer: {'k', 'v'} of (L, B, S, K, H)."""
         c = self.config
-        shape = (batch, length, c.num_kv_heads, c.head_dim)
+        shape = (c.num_layers, batch, length, c.num_kv_heads, c.head_dim)
         dtype = dtype or self.dtype
-        return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(c.num_layers)]
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def shard_activations(model: nnx.Module, spec: P | None) -> nnx.Module:
@@ -328,15 +372,20 @@ def shard_activations(model: nnx.Module, spec: P | None) -> nnx.Module:
     return model
 
 
-def _block_call(remat: str):
-    def call(block, *args):
-        return block(*args)
+def set_layer_gather(model: nnx.Module, gather_for) -> nnx.Module:
+    """Sets the function each Transformer in `model` applies to one layer's parameters inside its scan.
 
-    if remat == "none":
-        return call
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"model.remat must be one of none, {', '.join(REMAT_POLICIES)}; got {remat!r}")
-    return nnx.remat(call, policy=REMAT_POLICIES[remat])
+    `gather_for(path)` is called with each Transformer's path in `model` (() for the root, ('backbone',)
+    in a ScoreModel) and returns `gather(params) -> params` over that layer's pure-dict parameters (the
+    paths of `nnx.to_pure_dict(nnx.state(transformer.layers))`, without the layer axis), or None. The
+    ZeRO-3 train step passes an all-gather over the data axes: the forward gathers one layer at a time,
+    the backward gathers it again, and the gather's transpose reduce-scatters that layer's gradient
+    inside the backward scan.
+    """
+    for path, module in nnx.iter_graph(model):
+        if isinstance(module, Transformer):
+            module.layer_gather = gather_for(tuple(path))
+    return model
 
 
 class ScoreModel(nnx.Module):

@@ -7,6 +7,10 @@ together, as DeepSpeed partitions over all data-parallel ranks:
   stage 2: gradients sharded as well (reduce-scattered);
   stage 3: parameters sharded as well (FSDP).
 'tensor' shards attention heads and MLP width (Megatron column/row split) at every stage.
+
+The transformer's blocks are stacked on a leading layer axis (`layers.*` parameters of shape (L, ...)):
+that axis is never sharded (the scan slices it), so their specs are (None, *per-layer spec) and the ZeRO
+dimension is chosen among the others.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ def data_parallel_size(mesh) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ModelShardings:
-    """PartitionSpecs for the model's parameters, named by shape suffix.
+    """PartitionSpecs for the model's parameters, named by shape suffix (per layer: a stacked block
+    parameter gets a leading None for its layer axis).
 
     D model width, E embedding width, V vocab, X a projection's output width (heads*head_dim or the MLP
     width), P positions. The default is fully replicated.
@@ -92,6 +97,19 @@ def spec_tree(abstract_state):
         return getattr(sharding, "spec", P())
 
     return jax.tree.map(spec, nnx.to_pure_dict(abstract_state))
+
+
+def is_stacked(path) -> bool:
+    """Whether a parameter at `path` (a key tuple, e.g. ('layers', 'attn', 'q', 'kernel')) is a scanned
+    stack: under a 'layers' key followed by a name (a Python list of blocks would have an index there).
+    Its dimension 0 is then the layer axis."""
+    keys = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
+    return any(k == "layers" and i + 1 < len(keys) and isinstance(keys[i + 1], str) for i, k in enumerate(keys))
+
+
+def layer_spec(spec: P) -> P:
+    """The spec of one layer's slice of a stacked parameter: `spec` without its (unsharded) layer axis."""
+    return P(*tuple(spec)[1:])
 
 
 def zero_dim(spec: P) -> int | None:
@@ -158,7 +176,8 @@ def generic_zero_layout(abstract_state, mesh, stage: int) -> Layout:
 
     The partitioned spec of an array puts the data axes ('data', 'fsdp' together, `n` devices) on its
     largest dimension that `n` divides, first such on ties; an array with no such dimension (a scalar,
-    a bias of 10, an RNG key) stays replicated. Stage 3 uses it for parameters, stage 2 and up for
+    a bias of 10, an RNG key) stays replicated. A stacked layer parameter (`is_stacked`) never puts them
+    on its layer axis (dimension 0). Stage 3 uses it for parameters, stage 2 and up for
     gradients, stage 1 and up for the optimizer state; everything else is replicated.
 
     Args:
@@ -175,17 +194,18 @@ def generic_zero_layout(abstract_state, mesh, stage: int) -> Layout:
     tree = nnx.to_pure_dict(abstract_state) if isinstance(abstract_state, nnx.State) else abstract_state
     n = data_parallel_size(mesh)
 
-    def partitioned(x) -> P:
+    def partitioned(path, x) -> P:
         shape, dtype = tuple(getattr(x, "shape", ())), getattr(x, "dtype", None)
         if n == 1 or (dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)):
             return P()
-        fits = [d for d, size in enumerate(shape) if size >= n and size % n == 0]
+        first = 1 if is_stacked(path) else 0
+        fits = [d for d, size in enumerate(shape) if d >= first and size >= n and size % n == 0]
         if not fits:
             return P()
         best = max(fits, key=lambda d: (shape[d], -d))
         return P(*(DATA_AXES if d == best else None for d in range(best + 1)))
 
-    sharded = jax.tree.map(partitioned, tree)
+    sharded = jax.tree_util.tree_map_with_path(partitioned, tree)
     replicated = jax.tree.map(lambda _: P(), tree)
     return Layout(
         stage=stage,

@@ -5,6 +5,10 @@ Gradients are computed in a `shard_map` that is manual over the data axes ('data
   stage 0/1: gradients all-reduced (`psum`);
   stage 2:   gradients reduce-scattered (`psum_scatter`) onto their ZeRO partition;
   stage 3:   parameters all-gathered before use; the gather's transpose reduce-scatters the gradients.
+             The transformer's stacked layers are gathered one layer at a time inside its scan (forward,
+             and again in the rematerialised backward), so that layer's gradient is reduce-scattered
+             inside the backward scan: a device holds its shards plus about two layers of full
+             parameters, never the whole model nor a full-size gradient tree.
 The optimizer update then runs under GSPMD with the optimizer state partitioned from stage 1 on.
 
 The loss is averaged exactly as on one device: each loss function reports the denominator it averaged
@@ -22,10 +26,10 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrl.models.transformer import shard_activations
+from jaxrl.models.transformer import Transformer, set_layer_gather, shard_activations
 from jaxrl.parallel.mesh import settle
-from jaxrl.parallel.sharding import DATA_AXES, Layout, manual_spec, zero_dim
 from jaxrl.optim import window_grads
+from jaxrl.parallel.sharding import DATA_AXES, Layout, layer_spec, manual_spec, zero_dim
 from jaxrl.precision import loss_scale_of, skipped_steps_of
 
 LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, dict]]
@@ -89,6 +93,14 @@ class Trainer:
             step=NamedSharding(mesh, P()),
         )
         self.batch_sharding = NamedSharding(mesh, P(DATA_AXES))
+        # Each Transformer's stacked layers: its path, and one layer's parameter specs (layer axis dropped).
+        self.layer_specs = {}
+        for path, module in nnx.iter_graph(model):
+            if isinstance(module, Transformer):
+                node = layout.param
+                for key in (*path, "layers"):
+                    node = node[key]
+                self.layer_specs[tuple(path)] = jax.tree.map(layer_spec, node, is_leaf=_is_spec)
         self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
                              out_shardings=(self.state_shardings, None), donate_argnums=0)
         self._eval = jax.jit(self._eval_step, in_shardings=(self.state_shardings.params,
@@ -163,6 +175,7 @@ class Trainer:
         def objective(p):
             model = nnx.merge(self.graphdef, self._gather(p, self.specs["param"]),
                               self._gather(frozen, self.specs["frozen"]))
+            set_layer_gather(model, self._layer_gather)
             loss, metrics = self.loss_fn(model, batch)
             weight = jax.lax.stop_gradient(jnp.asarray(metrics.get("weight", rows), jnp.float32))
             return loss * weight * scale, (loss, metrics, weight)
@@ -176,16 +189,33 @@ class Trainer:
         out["weight"] = total
         return grads, out
 
-    def _gather(self, tree, specs):
-        """ZeRO-3: a device's parameter shards -> whole parameters (all-gather over the data axes)."""
+    def _gather(self, tree, specs, *, layers=False):
+        """ZeRO-3: a device's parameter shards -> whole parameters (all-gather over the data axes).
+
+        The stacked layers of a Transformer are left sharded (its scan gathers them one layer at a time,
+        see `_layer_gather`) unless `layers`, which gathers every leaf of `tree`.
+        """
         if self.layout.stage < 3:
             return tree
 
-        def gather(x, spec):
+        def gather(path, x, spec):
             d = zero_dim(spec)
-            return x if d is None else jax.lax.all_gather(x, DATA_AXES, axis=d, tiled=True)
+            if d is None or (not layers and self._in_layers(path)):
+                return x
+            return jax.lax.all_gather(x, DATA_AXES, axis=d, tiled=True)
 
-        return jax.tree.map(gather, tree, specs, is_leaf=_is_spec)
+        return jax.tree_util.tree_map_with_path(gather, tree, specs, is_leaf=_is_spec)
+
+    def _in_layers(self, path) -> bool:
+        keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+        return any(keys[:len(t) + 1] == (*t, "layers") for t in self.layer_specs)
+
+    def _layer_gather(self, path):
+        """The function the Transformer at `path` applies to one layer's parameters in its scan body."""
+        if self.layout.stage < 3:
+            return None
+        specs = self.layer_specs[path]
+        return lambda params: self._gather(params, _pick(specs, params), layers=True)
 
     def _reduce(self, g, param_spec, grad_spec):
         if self.layout.stage >= 3 and zero_dim(param_spec) is not None:
