@@ -19,7 +19,7 @@ WORKER = os.path.join(REPO, "tests", "multihost_worker.py")
 ARGS = ["sft", "--config", os.path.join(REPO, "configs", "tiny.yaml"), "model.path=tiny", "data.max_len=16",
         "data.max_prompt_len=8", "data.eval_fraction=0", "train.batch_size=16", "train.steps=4", "train.log_every=1",
         "optim.lr=3e-3"]
-TIMEOUT_S = 240  # a hung collective or coordinator fails the test instead of blocking CI
+TIMEOUT_S = 600  # a hung collective or coordinator fails the test instead of blocking CI
 
 
 def _free_port() -> int:

@@ -242,6 +242,16 @@ def test_checkpoint_extra_must_be_json(tmp_path):
 
 
 def test_stop_signal_catches_sigterm_and_restores_handlers():
+    # The previous SIGINT handler is Python's (raises KeyboardInterrupt) whatever the runner inherited: a
+    # process started in the background by a non-interactive shell inherits SIGINT ignored.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _stop_signal_round_trip()
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
+def _stop_signal_round_trip():
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with StopSignal() as stop:
         assert stop.requested is None
