@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import jaxrl
-from jaxrl import deepspeed_config as dsc
+from jaxrl.deepspeed import config as dsc
 from jaxrl.config import RunConfig, apply_overrides
 from jaxrl.errors import JaxrlError
 from jaxrl.optim import LossScaleConfig

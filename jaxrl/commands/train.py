@@ -42,7 +42,7 @@ def load_run_config(args):
     m = cfg.mesh  # the training mesh must fit the devices before anything is built or written
     data, fsdp, _ = resolve_axes({"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}, jax.device_count())
     if getattr(args, "deepspeed", None):
-        from jaxrl.deepspeed_config import to_run_config_overrides
+        from jaxrl.deepspeed.config import to_run_config_overrides
 
         # The DeepSpeed file overrides the YAML file; key=value arguments still win.
         cfg = load_config(args.config, to_run_config_overrides(args.deepspeed, world_size=data * fsdp) + overrides)

@@ -31,8 +31,7 @@ import optax
 
 from jaxrl.errors import JaxrlError
 from jaxrl.io import read_json
-from jaxrl.optim import LossScaleConfig, accumulate
-from jaxrl.precision import loss_scaled, skip_nonfinite
+from jaxrl.optim import LossScaleConfig, wrap_optimizer
 
 # --------------------------------------------------------------------------------------------- schema
 # Understood keys per section ("" is the top level). "mesh" is ours: the ('data', 'fsdp', 'tensor')
@@ -496,7 +495,8 @@ def base_optimizer(ds: DeepSpeedConfig) -> optax.GradientTransformation:
 
 def make_optimizer(ds: DeepSpeedConfig,
                    optimizer: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
-    """`MultiSteps(scale_or_skip(chain(clip, optimizer)), gradient_accumulation_steps)`.
+    """`MultiSteps(scale_or_skip(chain(clip, optimizer)), gradient_accumulation_steps)`: jaxrl's own
+    wrapping (`jaxrl.optim.wrap_optimizer`, which the runs' AdamW goes through too) around the optimizer.
 
     Args:
       ds: the parsed config.
@@ -514,18 +514,7 @@ def make_optimizer(ds: DeepSpeedConfig,
         tx = optimizer
     else:
         tx = base_optimizer(ds)
-    if ds.gradient_clipping > 0:
-        tx = optax.chain(optax.clip_by_global_norm(ds.gradient_clipping), tx)
-    ls = ds.loss_scale
-    if not ls.enabled:
-        tx = skip_nonfinite(tx)
-    elif ls.static_scale > 0:
-        tx = loss_scaled(tx, init_scale=ls.static_scale, dynamic=False)
-    else:
-        tx = loss_scaled(tx, init_scale=2.0**ls.initial_scale_power, window=ls.loss_scale_window,
-                         hysteresis=ls.hysteresis, min_scale=ls.min_loss_scale,
-                         consecutive_hysteresis=ls.consecutive_hysteresis)
-    return accumulate(tx, ds.grad_accum)
+    return wrap_optimizer(tx, clip_norm=ds.gradient_clipping, loss_scale=ds.loss_scale, grad_accum=ds.grad_accum)
 
 
 # ----------------------------------------------------------------------------------- RunConfig overrides
