@@ -9,7 +9,7 @@ _EXPORTS = {
     "Transformer": "jaxrl.models.transformer",
     "ModelConfig": "jaxrl.models.config",
     "generate": "jaxrl.generation",
-    "initialize": "jaxrl.engine",
+    "initialize": "jaxrl.deepspeed.engine",
 }
 
 

@@ -547,6 +547,39 @@ class DpoSection:
         _check(self.simpo_gamma >= 0, "simpo_gamma", f"must be >= 0, got {self.simpo_gamma}")
 
 
+def _check_stage(obj: Any) -> None:
+    _check(obj.zero_stage in (None, 0, 1, 2, 3), "zero_stage",
+           f"must be 0, 1, 2, 3 or null (the run's zero_stage), got {obj.zero_stage}")
+
+
+@_section
+class TrainedRoleSection:
+    """A PPO model that trains (actor, critic) laid out on its own, as DeepSpeed-Chat's
+    --actor_zero_stage / --critic_zero_stage allow: e.g. a large actor in ZeRO-3 beside a small critic
+    in ZeRO-0. Both train in precision.compute (DeepSpeed-Chat's one --dtype)."""
+
+    # ZeRO stage of this model (0-3); null: the run's zero_stage.
+    zero_stage: int | None = None
+
+    def __post_init__(self):
+        _check_stage(self)
+
+
+@_section
+class FrozenRoleSection:
+    """A PPO model that only runs forward (reference, reward), as DeepSpeed-Chat's eval configs: its own
+    ZeRO stage (3 shards its parameters over the data axes; below 3 they are replicated, there being no
+    gradients or optimizer state) and compute dtype."""
+
+    # ZeRO stage of this model (0-3); null: the run's zero_stage.
+    zero_stage: int | None = None
+    # Compute dtype (its storage dtype too, with ppo.frozen_dtype 'compute'); null: precision.compute.
+    precision: Dtype | None = None
+
+    def __post_init__(self):
+        _check_stage(self)
+
+
 @_section
 class PpoSection:
     """Step 3: PPO with a KL penalty to the reference (SFT) model."""
@@ -599,6 +632,11 @@ class PpoSection:
     # precision.compute (half the bytes in bf16; nothing updates them, so no fp32 master copy); 'fp32'
     # keeps them in fp32.
     frozen_dtype: Literal["compute", "fp32"] = "compute"
+    # Each model's own layout and precision (DeepSpeed-Chat's per-model DeepSpeed configs).
+    actor: TrainedRoleSection = _sub(TrainedRoleSection)
+    critic: TrainedRoleSection = _sub(TrainedRoleSection)
+    reference: FrozenRoleSection = _sub(FrozenRoleSection)
+    reward: FrozenRoleSection = _sub(FrozenRoleSection)
 
     def __post_init__(self):
         _check_positive(self, "epochs", "generation_batches", "mini_batches", "rollout_batch_size",

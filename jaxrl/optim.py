@@ -151,20 +151,29 @@ def _as_loss_scale_config(loss_scale: LossScaleConfig | Mapping | None) -> LossS
     return LossScaleConfig(**loss_scale)
 
 
-def _with_skipping(inner: optax.GradientTransformation, ls: LossScaleConfig | None) -> optax.GradientTransformation:
-    """Wraps ``inner`` in loss scaling when enabled, else in plain non-finite skipping."""
+def wrap_optimizer(inner: optax.GradientTransformation, *, clip_norm: float, loss_scale: LossScaleConfig | None,
+                   grad_accum: int) -> optax.GradientTransformation:
+    """``MultiSteps(skip_or_scale(chain(clip_by_global_norm(clip_norm), inner)), grad_accum)``: what every
+    optimizer in jaxrl runs as, the runs' AdamW and the DeepSpeed engine's configured or given optimizer.
+
+    Args:
+      inner: the update rule (with its learning rate or schedule).
+      clip_norm: global L2 norm the unscaled gradients are clipped to; 0 turns clipping off.
+      loss_scale: enabled: fp16 loss scaling (static when ``static_scale`` > 0, else DeepSpeed's dynamic
+        scaler); None or disabled: non-finite steps are skipped and counted, the scale fixed at 1.
+      grad_accum: micro-batches per update (``accumulate``).
+    """
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm), inner) if clip_norm > 0 else inner
+    ls = loss_scale
     if ls is None or not ls.enabled:
-        return skip_nonfinite(inner)
-    if ls.static_scale > 0:
-        return loss_scaled(inner, init_scale=ls.static_scale, dynamic=False)
-    return loss_scaled(
-        inner,
-        init_scale=2.0**ls.initial_scale_power,
-        window=ls.loss_scale_window,
-        hysteresis=ls.hysteresis,
-        min_scale=ls.min_loss_scale,
-        consecutive_hysteresis=ls.consecutive_hysteresis,
-    )
+        tx = skip_nonfinite(tx)
+    elif ls.static_scale > 0:
+        tx = loss_scaled(tx, init_scale=ls.static_scale, dynamic=False)
+    else:
+        tx = loss_scaled(tx, init_scale=2.0**ls.initial_scale_power, window=ls.loss_scale_window,
+                         hysteresis=ls.hysteresis, min_scale=ls.min_loss_scale,
+                         consecutive_hysteresis=ls.consecutive_hysteresis)
+    return accumulate(tx, grad_accum)
 
 
 def make_optimizer(
@@ -173,7 +182,7 @@ def make_optimizer(
     *,
     loss_scale: LossScaleConfig | Mapping | None = None,
 ) -> optax.GradientTransformation:
-    """``MultiSteps(skip_or_scale(chain(clip_by_global_norm, adamw)), grad_accum)``.
+    """``MultiSteps(skip_or_scale(chain(clip_by_global_norm, adamw)), grad_accum)`` (``wrap_optimizer``).
 
     Args:
       cfg: the optimizer config.
@@ -183,16 +192,12 @@ def make_optimizer(
     Returns:
       a plain GradientTransformation; non-finite steps are skipped and counted.
     """
-    ls = _as_loss_scale_config(loss_scale)
     adamw = optax.adamw(
         make_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
         weight_decay=cfg.weight_decay, mask=decay_mask,
     )
-    inner = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm > 0 else adamw
-    tx = _with_skipping(inner, ls)
-    if cfg.grad_accum > 1:
-        tx = accumulate(tx, cfg.grad_accum)
-    return tx
+    return wrap_optimizer(adamw, clip_norm=cfg.clip_norm, loss_scale=_as_loss_scale_config(loss_scale),
+                          grad_accum=cfg.grad_accum)
 
 
 def accumulate(tx: optax.GradientTransformation, every: int) -> optax.GradientTransformation:

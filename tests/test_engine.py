@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import jaxrl
-from jaxrl import deepspeed_config as dsc
+from jaxrl.deepspeed import config as dsc
 from jaxrl.config import RunConfig, apply_overrides
 from jaxrl.errors import JaxrlError
 from jaxrl.optim import LossScaleConfig
@@ -434,6 +434,73 @@ def test_run_config_overrides_from_a_deepspeed_file(tmp_path):
     assert cfg.train.log_every == 5
     with pytest.raises(JaxrlError, match="AdamW"):
         dsc.to_run_config_overrides({"train_batch_size": 8, "optimizer": {"type": "SGD", "params": {"lr": 1}}}, 1)
+
+
+def _step3_ds_config(stage, *, hybrid_engine=False, tp=1, max_out_tokens=512, **extra):
+    """The ds_config DeepSpeed-Chat's step 3 hands each trained model (dschat/utils/ds_utils.py,
+    get_train_ds_config, at --dtype fp16 without offload): the actor's with its hybrid_engine block enabled."""
+    return {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 2, "steps_per_print": 10,
+            "zero_optimization": {"stage": stage, "overlap_comm": True, "offload_param": {"device": "none"},
+                                  "offload_optimizer": {"device": "none"}, "stage3_param_persistence_threshold": 1e4,
+                                  "stage3_max_live_parameters": 3e7, "stage3_prefetch_bucket_size": 3e7,
+                                  "memory_efficient_linear": False},
+            "fp16": {"enabled": True, "loss_scale_window": 100}, "gradient_clipping": 1.0,
+            "prescale_gradients": False, "wall_clock_breakdown": False,
+            "hybrid_engine": {"enabled": hybrid_engine, "max_out_tokens": max_out_tokens, "inference_tp_size": tp,
+                              "release_inference_cache": False, "pin_parameters": True,
+                              "tp_gather_partition_size": 8},
+            "tensorboard": {"enabled": False, "output_path": "step3_tensorboard/ds_tensorboard_logs/",
+                            "job_name": "step3_actor_tensorboard"}, **extra}
+
+
+def _ppo_args(tmp_path, actor, critic, *overrides, command="ppo"):
+    from jaxrl import cli
+
+    paths = {}
+    for name, config in (("actor", actor), ("critic", critic)):
+        paths[name] = tmp_path / f"ds_{name}.json"
+        paths[name].write_text(json.dumps(config))
+    return cli.build_parser(command).parse_args([command, "--deepspeed-actor", str(paths["actor"]),
+                                                 "--deepspeed-critic", str(paths["critic"]), *overrides])
+
+
+def test_deepspeed_chat_step3_actor_and_critic_files(tmp_path):
+    """`jaxrl ppo --deepspeed-actor A --deepspeed-critic C` with DeepSpeed-Chat's two files (actor ZeRO-3 with
+    the Hybrid Engine at inference_tp_size 4, critic ZeRO-0): the run's keys from A, the critic's from C."""
+    from jaxrl.commands.train import load_run_config
+
+    actor = _step3_ds_config(3, hybrid_engine=True, tp=4, max_out_tokens=48)
+    critic = _step3_ds_config(0, optimizer={"type": "Adam", "params": {"lr": 5e-6, "betas": [0.9, 0.95]}})
+    tokens = ["data.max_prompt_len=32", "data.max_len=64", "generation.max_new_tokens=16"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = load_run_config(_ppo_args(tmp_path, actor, critic, *tokens))
+    assert (cfg.zero_stage, cfg.ppo.actor.zero_stage, cfg.ppo.reference.zero_stage) == (3, None, None)
+    assert (cfg.ppo.critic.zero_stage, cfg.ppo.reward.zero_stage, cfg.ppo.critic_lr) == (0, 0, 5e-6)
+    assert cfg.generation.mesh.tensor == 4 and cfg.precision.compute == "fp16"
+    assert cfg.precision.loss_scale.loss_scale_window == 100 and cfg.optim.clip_norm == 1.0
+    # Only the truly irrelevant hybrid_engine keys are named as ignored; the mapped ones are not.
+    ignored = [str(w.message) for w in caught if "ignored by jaxrl" in str(w.message)]
+    assert ignored and all("hybrid_engine.release_inference_cache, hybrid_engine.pin_parameters, "
+                           "hybrid_engine.tp_gather_partition_size" in m for m in ignored)
+    assert not any(f"hybrid_engine.{k}" in m for m in ignored for k in ("inference_tp_size", "max_out_tokens"))
+    # A ZeRO-3 critic puts the reward model in ZeRO-3 too, as DeepSpeed-Chat does.
+    with warnings.catch_warnings(record=True):
+        cfg = load_run_config(_ppo_args(tmp_path, actor, _step3_ds_config(3), *tokens))
+        assert (cfg.ppo.critic.zero_stage, cfg.ppo.reward.zero_stage, cfg.ppo.critic_lr) == (3, 3, 5e-5)
+        # A Hybrid Engine that holds fewer tokens than a rollout sequence, a critic that does not share the
+        # actor's settings, the two files outside ppo: clear errors.
+        with pytest.raises(JaxrlError, match=r"hybrid_engine.max_out_tokens \(40\) is less than .* = 48"):
+            load_run_config(_ppo_args(tmp_path, dict(actor, hybrid_engine=dict(actor["hybrid_engine"],
+                                                                               max_out_tokens=40)), critic, *tokens))
+        with pytest.raises(JaxrlError, match="critic's DeepSpeed config gives optim.grad_accum=2 but the actor's run "
+                                             "has 1"):
+            load_run_config(_ppo_args(tmp_path, actor, _step3_ds_config(0, train_batch_size=32,
+                                                                          gradient_accumulation_steps=2), *tokens))
+        with pytest.raises(JaxrlError, match="are for `jaxrl ppo`"):
+            load_run_config(_ppo_args(tmp_path, actor, critic, command="sft"))
+    # Without `enabled` the block maps nothing (DeepSpeed-Chat's critic file carries it disabled).
+    assert not any(o.startswith("generation.") for o in dsc.to_run_config_overrides(_step3_ds_config(0, tp=4), 8))
 
 
 # ---------------------------------------------------------------------------------- errors and warnings

@@ -20,9 +20,12 @@ from jaxrl.steps.plan import compile_for_memory, plan
 from jaxrl.train import build
 
 TINY = str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
-# Small PPO shapes on the 8 devices: ZeRO-3 over fsdp=8, generation on data=2 x tensor=4.
-PPO = ["model.reward_path=tiny", "mesh.data=1", "mesh.fsdp=8", "zero_stage=3", "generation.mesh.data=2",
-       "generation.mesh.tensor=4", "ppo.rollout_batch_size=8", "ppo.mini_batches=1", "ppo.ema=0.9"]
+# Small PPO shapes on the 8 devices: ZeRO-3 over fsdp=8 but the critic and reward model in ZeRO-0 (each
+# role in its own stage), generation on data=2 x tensor=4.
+PPO = ["model.reward_path=tiny", "mesh.data=1", "mesh.fsdp=8", "zero_stage=3", "ppo.critic.zero_stage=0",
+       "ppo.reward.zero_stage=0", "generation.mesh.data=2", "generation.mesh.tensor=4", "ppo.rollout_batch_size=8",
+       "ppo.mini_batches=1", "ppo.ema=0.9"]
+STAGES = {"sft": [3], "reward": [3], "ppo": [3, 0, 3, 0, None, None]}  # each row's ZeRO stage
 ROLES = {"sft": ["actor train step"], "reward": ["reward model train step"],
          "ppo": ["actor train step", "critic train step", "reference forward", "reward forward",
                  "generation prefill", "generation decode"]}
@@ -34,6 +37,7 @@ def test_plan_every_step(step, monkeypatch, capsys, tmp_path):
     rc = cli.main(["plan", "--config", TINY, "--devices", "8", "--json", "--step", step, *PPO])
     report = json.loads(capsys.readouterr().out)
     assert rc == 0 and [r["role"] for r in report["roles"]] == ROLES[step]
+    assert [r["zero_stage"] for r in report["roles"]] == STAGES[step]
     for r in report["roles"]:
         assert r["arguments"] > 0 and r["total"] >= r["arguments"] and r["fits"] is None
 

@@ -317,3 +317,36 @@ def test_kl_coef_zero_loads_no_reference_and_trains_as_with_one(root):
     # Resuming such a run from a checkpoint whose coefficient is not 0 would need the missing reference.
     with pytest.raises(JaxrlError, match="loaded no reference model"):
         trainer.restore_data(dict(trainer.data_state(), kl_coef=0.1))
+
+
+
+def test_each_role_trains_in_its_own_zero_stage(root, one_device):
+    """8 devices (fsdp=8): actor and reference in ZeRO-3, critic and reward model in ZeRO-0. Each role's
+    parameters lie in its own layout, and the first PPO step (4 actor updates) gives the one-device run's
+    metrics and actor; `ppo.<role>.zero_stage` set to the run's stage declares exactly the run without them."""
+    stages = ["mesh.data=1", "mesh.fsdp=8", "zero_stage=3", "ppo.critic.zero_stage=0", "ppo.reward.zero_stage=0"]
+    cfg = load_config(None, overrides(root) + stages + ["generation.mesh.data=2", "generation.mesh.tensor=4"])
+    mesh = build.training_mesh(cfg)
+    roles = ppo_trainer.load_roles(cfg, mesh)
+    assert {k: r.spec.zero_stage for k, r in roles.declared.items()} == {"actor": 3, "critic": 0, "reference": 3,
+                                                                         "reward": 0}
+    prompts, eval_prompts, ptx = ppo_trainer.load_prompts(cfg, roles.tokenizer)
+    trainer = ppo_trainer.PPO(cfg, mesh, roles, prompts, eval_prompts, ptx)
+    state, metrics = trainer.update(trainer.init_state(), 1)
+    whole = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
+    # ZeRO-3 splits the actor's and the reference's parameters over the 8 devices; ZeRO-0 keeps a whole
+    # critic (and its AdamW moments) and a whole reward model on each.
+    assert _per_device_bytes(state["actor"].params) < whole(state["actor"].params) / 4
+    assert _per_device_bytes(roles.ref[1]) < whole(roles.ref[1]) / 4
+    assert _per_device_bytes(state["critic"]) == whole(state["critic"])
+    assert _per_device_bytes(roles.reward[1]) == whole(roles.reward[1])
+    want = one_device["metrics"][0]
+    keys = sorted(k for k in want if not k.startswith("time/"))
+    np.testing.assert_allclose([metrics[k] for k in keys], [want[k] for k in keys], rtol=1e-5, atol=1e-7)
+    _assert_close_tree(jax.device_get(state["actor"].params), one_device["record"]["params"][EPOCHS * MINI_BATCHES - 1],
+                       1e-5)
+    # The keys at the run's own stage change nothing: the same declared models, so the same run.
+    plain = load_config(None, overrides(root) + stages[:3])
+    explicit = load_config(None, overrides(root) + stages[:3] + [f"ppo.{r}.zero_stage=3" for r in roles.declared])
+    specs = [{k: r.spec for k, r in ppo_trainer.roles(c, mesh, roles.tokenizer).items()} for c in (plain, explicit)]
+    assert specs[0] == specs[1] and {s.zero_stage for s in specs[0].values()} == {3}

@@ -370,7 +370,7 @@ def test_eval_uses_every_held_out_row_at_any_size(command, n, rows):
         loss = functools.partial(reward_loss, required_margin=0.0)
     assert len(next(iter(arrays.values()))) == n
     mesh = make_mesh(8, 1, 1)
-    model, layout = role_lib.born(role_lib.spec_from(cfg, kind=kind), build.model_arch("tiny", tok), mesh, 0)
+    model, layout = role_lib.born(role_lib.spec_from(cfg, kind=kind, zero_stage=0), build.model_arch("tiny", tok), mesh)
     trainer = role_lib.make_trainer(cfg, mesh, model, layout, loss)
     state = trainer.init_state()
     got = evaluate_rows(trainer, state, arrays, rows)

@@ -165,6 +165,36 @@ def test_pipeline_summary_json_is_strict(tmp_path):
         assert json.load(f, parse_constant=_reject_constant) == {"ppo": {"kl": None, "task_accuracy_after": 0.5}}
 
 
+def test_pipeline_figures_treat_a_null_kl_as_missing():
+    from jaxrl.commands.pipeline import ppo_figures
+
+    # Ten logged PPO steps (the last fifth: steps 9 and 10), an eval row without kl, a skipped step's nulls.
+    rows = [{"step": i, "kl": 0.1 * i, "reward/score": float(i)} for i in range(1, 11)]
+    rows[9].update(kl=None, **{"reward/score": None})
+    rows.append({"step": 10, "eval/score": 3.0})
+    assert ppo_figures(rows) == {"kl": 0.9, "reward_score_first": 1.0, "reward_score_last": 9.0}
+    assert ppo_figures([{"step": 1, "kl": None}]) == {"kl": None, "reward_score_first": None,
+                                                      "reward_score_last": None}
+
+
+def test_eval_reward_report_is_strict_json(tmp_path, monkeypatch, capsys):
+    from jaxrl import cli
+    from jaxrl.commands import eval_reward
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n'
+                     '{"prompt": "2+2=", "chosen": "4", "rejected": "5"}\n')
+    monkeypatch.setattr(eval_reward, "_check_model_dir", lambda path: None)  # 'tiny': the preset's tokenizer
+    # A diverged reward model: one NaN score.
+    monkeypatch.setattr(eval_reward, "score_pairs", lambda *a, **k: (np.array([np.nan, 1.0]), np.array([0.0, 0.0])))
+    out = tmp_path / "report.json"
+    assert cli.main(["eval-reward", "--model", "tiny", "--data", str(pairs), "--output", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out, parse_constant=_reject_constant)
+    with open(out) as f:
+        assert json.load(f, parse_constant=_reject_constant) == printed
+    assert printed["chosen_mean"] is None and printed["rejected_mean"] == 0.0
+
+
 def test_disabled_writer_writes_nothing(tmp_path):
     writer = MetricsWriter(tmp_path / "run", enabled=False)
     writer.write(1, {"loss": 1.0})

@@ -9,7 +9,6 @@ Every pair is scored, chosen and rejected alike, at the last real token of `prom
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -40,6 +39,7 @@ def run(args) -> int:
     from jaxrl.data.dataset import load_records
     from jaxrl.data.tokenize import Encoder, tokenize_pairs
     from jaxrl.train.build import load_tokenizer
+    from jaxrl.train.metrics import strict_json
 
     tokenizer = load_tokenizer(args.model, what="--model")
     records = load_records(args.data, need="reward", fmt=args.format, tokenizer=tokenizer).records
@@ -50,7 +50,7 @@ def run(args) -> int:
                                    batch_size=args.batch_size)
     report = summarize(chosen, rejected)
     report["dropped"] = pairs.dropped
-    text = json.dumps(report, indent=2)
+    text = strict_json(report, indent=2)  # a NaN score (a diverged model) is null, not invalid JSON
     print(text)
     if args.output:
         _write(args.output, text + "\n")

@@ -9,6 +9,7 @@ skipped on a rerun; an interrupted one resumes from its checkpoints.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 STEP_DIRS = {1: "step1_sft", 2: "step2_reward", 3: "step3_ppo"}
@@ -28,8 +29,10 @@ def run(args) -> int:
     if args.config is None:  # the embedded default: tiny model, synthetic task, CPU
         args.config = default_config()
     cfg = load_run_config(args)
+    from jaxrl.train.metrics import strict_json
+
     summary = run_pipeline(cfg, steps)
-    print(json.dumps(summary, indent=2))
+    print(strict_json(summary, indent=2))
     return 0
 
 
@@ -97,16 +100,30 @@ def run_pipeline(cfg, steps=(1, 2, 3)) -> dict:
         c3 = apply_overrides(cfg, shared + [f"model.path={sft_hf}", f"model.reward_path={reward_hf}"]
                              + list(p.ppo) + [f"output={dirs[3]}"])
         _step(dirs[3], lambda: ppo.run(c3))
-        logged = [m for m in read_metrics(dirs[3]) if "kl" in m]
-        tail = logged[-max(1, len(logged) // 5):]  # the last fifth of the run: where PPO ended up
         summary["ppo"] = {
             **_task_accuracy(c3, sft_hf, "task_accuracy_before", reward_hf, "reward_before"),
             **_task_accuracy(c3, os.path.join(dirs[3], "hf"), "task_accuracy_after", reward_hf, "reward_after"),
-            "kl": sum(m["kl"] for m in tail) / len(tail),
-            "reward_score_first": logged[0]["reward/score"], "reward_score_last": tail[-1]["reward/score"],
+            **ppo_figures(read_metrics(dirs[3])),
         }
         _write(out, summary)
     return summary
+
+
+def ppo_figures(records: list[dict]) -> dict:
+    """The PPO run's summary figures from its metrics.jsonl rows: the mean KL over the last fifth of its
+    logged steps (where PPO ended up), and the first and last logged reward score.
+
+    A value written as null (non-finite: strict JSON) or left out is missing, not zero: the mean is over
+    the steps that have one, and a figure with none at all is None.
+    """
+    def values(name, rows):
+        return [r[name] for r in rows if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
+
+    logged = [r for r in records if "kl" in r]  # PPO steps (eval rows carry no kl)
+    tail = logged[-max(1, len(logged) // 5):]
+    kl, scores = values("kl", tail), values("reward/score", logged)
+    return {"kl": sum(kl) / len(kl) if kl else None,
+            "reward_score_first": scores[0] if scores else None, "reward_score_last": scores[-1] if scores else None}
 
 
 def _step(directory: str, fn) -> dict:

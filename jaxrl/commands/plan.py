@@ -121,18 +121,26 @@ def _row(r, limit: int | None) -> dict:
 def table(roles) -> str:
     cols = ("arguments", "outputs", "temporaries", "total", "others", "needed")
     width = max(len(r.role) for r in roles) + 2
-    lines = ["per device".ljust(width) + "".join(c.rjust(13) for c in cols)]
+    lines = ["per device".ljust(width) + "ZeRO" + "".join(c.rjust(13) for c in cols)]
     for r in roles:
         values = (r.arguments, r.outputs - r.aliased, r.temporaries, r.total, r.others, r.needed)
-        lines.append(r.role.ljust(width) + "".join(human(v).rjust(13) for v in values))
+        stage = "-" if r.zero_stage is None else str(r.zero_stage)  # each model in its own stage
+        lines.append(r.role.ljust(width) + stage.rjust(4) + "".join(human(v).rjust(13) for v in values))
     return "\n".join(lines)
+
+
+def _stage_key(r, step: str) -> str:
+    """The config key of a row's ZeRO stage: `ppo.<role>.zero_stage` for PPO's models, else `zero_stage`."""
+    return f"ppo.{r.role.split()[0]}.zero_stage" if step == "ppo" else "zero_stage"
 
 
 def _advice(too_big, limit: int, source: str, cfg, step: str) -> str:
     needs = "; ".join(f"{r.role} needs {human(r.needed)} ({r.needed:,} bytes)" for r in too_big)
     fixes = []
-    if cfg.zero_stage < 3:
-        fixes.append(f"raise zero_stage (now {cfg.zero_stage}; 3 also shards the parameters)")
+    stages = {_stage_key(r, step): r.zero_stage for r in too_big if r.zero_stage is not None and r.zero_stage < 3}
+    if stages:
+        fixes.append("raise " + ", ".join(f"{key} (now {stage})" for key, stage in stages.items())
+                     + " (3 also shards the parameters)")
     fixes.append("shard over more devices with mesh.fsdp or mesh.tensor")
     kinds = {r.kind for r in too_big}
     if "generation" in kinds:

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import logging
 
+from jaxrl.errors import JaxrlError
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", help="YAML file overriding config fields (default: the built-in defaults)")
     parser.add_argument("--output", help="output directory (overrides `output`)")
     parser.add_argument("--deepspeed", metavar="DS_CONFIG_JSON",
                         help="a DeepSpeed config file, mapped onto jaxrl's keys (batch, accumulation, ZeRO, fp16...)")
+    parser.add_argument("--deepspeed-actor", metavar="DS_CONFIG_JSON",
+                        help="ppo: DeepSpeed-Chat's step-3 actor config (the run's keys, its hybrid_engine block)")
+    parser.add_argument("--deepspeed-critic", metavar="DS_CONFIG_JSON",
+                        help="ppo: DeepSpeed-Chat's step-3 critic config (the critic's ZeRO stage and lr)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
 
@@ -41,11 +47,30 @@ def load_run_config(args):
     initialize_distributed(d.coordinator, d.num_processes, d.process_id)  # before anything touches devices
     m = cfg.mesh  # the training mesh must fit the devices before anything is built or written
     data, fsdp, _ = resolve_axes({"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}, jax.device_count())
-    if getattr(args, "deepspeed", None):
-        from jaxrl.deepspeed_config import to_run_config_overrides
+    actor, critic = _deepspeed_files(args)
+    if actor or critic:
+        from jaxrl.deepspeed import config as ds_config
 
-        # The DeepSpeed file overrides the YAML file; key=value arguments still win.
-        cfg = load_config(args.config, to_run_config_overrides(args.deepspeed, world_size=data * fsdp) + overrides)
+        # The DeepSpeed files override the YAML file; key=value arguments still win.
+        world = data * fsdp
+        actor_ds = ds_config.parse(ds_config.load(actor), world) if actor else None
+        mapped = ds_config.to_run_config_overrides(actor_ds) if actor else []
+        if critic:
+            mapped += ds_config.critic_overrides(critic, load_config(args.config, mapped), world)
+        cfg = load_config(args.config, mapped + overrides)
+        if actor_ds is not None and args.command == "ppo":
+            ds_config.check_hybrid_engine(actor_ds, cfg.data.max_prompt_len, cfg.generation.max_new_tokens)
         m = cfg.mesh
         resolve_axes({"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}, jax.device_count())
     return cfg
+
+
+def _deepspeed_files(args) -> tuple[str | None, str | None]:
+    """(the run's/actor's DeepSpeed file, the critic's): --deepspeed, or ppo's --deepspeed-actor/-critic."""
+    plain, actor, critic = (getattr(args, k, None) for k in ("deepspeed", "deepspeed_actor", "deepspeed_critic"))
+    if (actor or critic) and args.command != "ppo":
+        raise JaxrlError(f"--deepspeed-actor and --deepspeed-critic are for `jaxrl ppo` (DeepSpeed-Chat's step 3); "
+                         f"`jaxrl {args.command}` reads one file: --deepspeed")
+    if plain and actor:
+        raise JaxrlError("--deepspeed and --deepspeed-actor both name the actor's DeepSpeed config; give one")
+    return plain or actor, critic

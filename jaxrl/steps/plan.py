@@ -3,7 +3,7 @@
 Each role of the step (`sft.roles`, `reward.roles`, `ppo.roles`, the very declarations `run` builds) is
 built with `abstract=True`: models from `nnx.eval_shape` (no weights read or allocated), train states and
 batches as `jax.ShapeDtypeStruct`s carrying their shardings. Its function is lowered and compiled ahead
-of time for the configured meshes and ZeRO stage, and `Compiled.memory_analysis()` gives XLA's own
+of time for the configured meshes and each role's own ZeRO stage, and `Compiled.memory_analysis()` gives XLA's own
 per-device bytes: arguments, outputs (less those aliased to donated arguments) and temporaries.
 
 A trained role lowers its `Trainer` step, a frozen one its forward; PPO adds the Hybrid Engine's
@@ -46,6 +46,7 @@ class RoleMemory:
     temporaries: int
     resident: int  # this role's model state, kept on the devices between calls (0: dropped after use)
     others: int = 0  # the other models' resident state, on the devices at the same time (PPO)
+    zero_stage: int | None = None  # the model's own ZeRO stage (None: the generation copy, tensor-parallel)
 
     @property
     def total(self) -> int:
@@ -81,7 +82,8 @@ def train_memory(role: Role, cfg: RunConfig, mesh):
     state = trainer.abstract_state()
     with jax.set_mesh(mesh):
         compiled = compile_for_memory(trainer.lower(state, role_lib.abstract_batch(role.batch, trainer.batch_sharding)))
-    return memory(f"{role.name} train step", "train", compiled, per_device(state)), trainer
+    row = memory(f"{role.name} train step", "train", compiled, per_device(state))
+    return dataclasses.replace(row, zero_stage=role.spec.zero_stage), trainer
 
 
 def forward_memory(role: Role, cfg: RunConfig, mesh) -> RoleMemory:
@@ -90,7 +92,8 @@ def forward_memory(role: Role, cfg: RunConfig, mesh) -> RoleMemory:
     batch = role_lib.abstract_batch(role.batch, NamedSharding(mesh, P(DATA_AXES)))
     with jax.set_mesh(mesh):
         compiled = compile_for_memory(role_lib.jit_forward(role, graphdef).lower(state, batch))
-    return memory(f"{role.name} forward", "forward", compiled, per_device(state))
+    return dataclasses.replace(memory(f"{role.name} forward", "forward", compiled, per_device(state)),
+                               zero_stage=role.spec.zero_stage)
 
 
 def generation_memory(cfg: RunConfig, actor: Role, actor_trainer, mesh) -> list[RoleMemory]:

@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 def roles(cfg: RunConfig, mesh, tokenizer=None) -> dict[str, Role]:
     """The four models: actor and reference from the SFT model (model.path), critic and reward from the
-    reward model; actor and critic train on PPO mini-batches, reference and reward score rollouts."""
+    reward model; actor and critic train on PPO mini-batches, reference and reward score rollouts. Each
+    is laid out in its own ZeRO stage (`ppo.<role>.zero_stage`, default the run's `zero_stage`)."""
     reward_path = cfg.model.reward_path
     if not reward_path:
         raise JaxrlError("ppo needs model.reward_path: the HF directory written by `jaxrl reward` (its hf/)")
@@ -63,14 +64,17 @@ def roles(cfg: RunConfig, mesh, tokenizer=None) -> dict[str, Role]:
     critic_loss = functools.partial(ppo.critic_loss, prompt_len=plen, value_clip=p.value_clip, vf_coef=p.vf_coef)
     arch = build.model_arch(cfg.model.path, tokenizer)
     declared = {
-        "actor": Role("actor", spec_from(cfg), arch, actor_batch, loss=actor_loss, total_steps=total_updates(cfg),
-                      lora_only=lora_only(cfg)),
-        "critic": Role("critic", dataclasses.replace(spec_from(cfg, critic_path, kind="score"), lora_rank=0),
+        "actor": Role("actor", spec_from(cfg, zero_stage=p.actor.zero_stage), arch, actor_batch, loss=actor_loss,
+                      total_steps=total_updates(cfg), lora_only=lora_only(cfg)),
+        "critic": Role("critic", dataclasses.replace(spec_from(cfg, critic_path, kind="score",
+                                                               zero_stage=p.critic.zero_stage), lora_rank=0),
                        build.model_arch(critic_path, tokenizer), critic_batch, loss=critic_loss, lr=p.critic_lr,
                        total_steps=total_updates(cfg)),
-        "reference": Role("reference", frozen_spec(cfg), arch, rollout,
+        "reference": Role("reference", frozen_spec(cfg, zero_stage=p.reference.zero_stage,
+                                                      dtype=p.reference.precision), arch, rollout,
                           forward=lambda m, b: ppo.response_logprobs(m, b["seq"], b["attention_mask"], plen)[0]),
-        "reward": Role("reward", frozen_spec(cfg, reward_path, kind="score"),
+        "reward": Role("reward", frozen_spec(cfg, reward_path, kind="score", zero_stage=p.reward.zero_stage,
+                                               dtype=p.reward.precision),
                        build.model_arch(reward_path, tokenizer), rollout,
                        forward=lambda m, b: m.sequence_score(b["seq"], b["attention_mask"])),
     }

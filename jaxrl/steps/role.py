@@ -38,6 +38,7 @@ class ModelSpec:
     kind: str = "causal_lm"  # or 'score'
     dtype: str = "fp32"  # compute dtype
     param_dtype: str = "fp32"  # storage dtype: fp32 for a model that trains (master copy)
+    zero_stage: int = 0  # its layout (`zero_layout`): each role has its own, as in DeepSpeed-Chat
     remat: str = "none"
     logits_chunk: int = 0  # causal LM: positions per LM-head chunk in the losses
     lora_rank: int = 0
@@ -46,20 +47,25 @@ class ModelSpec:
     seed: int = 0
 
 
-def spec_from(cfg: RunConfig, path: str | None = None, kind: str = "causal_lm") -> ModelSpec:
-    """The run's model settings (precision, remat, LoRA, seed) for the model at `path` (default model.path)."""
+def spec_from(cfg: RunConfig, path: str | None = None, kind: str = "causal_lm", *, zero_stage: int | None = None,
+              dtype: str | None = None) -> ModelSpec:
+    """The run's model settings (precision, ZeRO stage, remat, LoRA, seed) for the model at `path` (default
+    model.path); `zero_stage` and `dtype` replace the run's (`zero_stage`, `precision.compute`) unless None."""
     lora = cfg.model.lora
-    return ModelSpec(path=path or cfg.model.path, kind=kind, dtype=cfg.precision.compute, remat=cfg.model.remat,
+    return ModelSpec(path=path or cfg.model.path, kind=kind, dtype=dtype or cfg.precision.compute,
+                     zero_stage=cfg.zero_stage if zero_stage is None else zero_stage, remat=cfg.model.remat,
                      logits_chunk=cfg.model.logits_chunk, lora_rank=lora.rank, lora_alpha=lora.alpha,
                      lora_targets=tuple(lora.targets), seed=cfg.seed)
 
 
-def frozen_spec(cfg: RunConfig, path: str | None = None, kind: str = "causal_lm") -> ModelSpec:
+def frozen_spec(cfg: RunConfig, path: str | None = None, kind: str = "causal_lm", *, zero_stage: int | None = None,
+                dtype: str | None = None) -> ModelSpec:
     """A model that only runs forward (PPO's reference and reward model): no LoRA, no remat, and its
-    weights stored in the compute dtype (no fp32 master copy: nothing updates them) unless
+    weights stored in its compute dtype (no fp32 master copy: nothing updates them) unless
     `ppo.frozen_dtype` is fp32."""
-    stored = cfg.precision.compute if cfg.ppo.frozen_dtype == "compute" else "fp32"
-    return dataclasses.replace(spec_from(cfg, path, kind), lora_rank=0, remat="none", param_dtype=stored)
+    spec = spec_from(cfg, path, kind, zero_stage=zero_stage, dtype=dtype)
+    stored = spec.dtype if cfg.ppo.frozen_dtype == "compute" else "fp32"
+    return dataclasses.replace(spec, lora_rank=0, remat="none", param_dtype=stored)
 
 
 def lora_only(cfg: RunConfig) -> bool:
@@ -100,10 +106,10 @@ class Role:
 
 
 # ------------------------------------------------------------------------------------------------ model
-def born(spec: ModelSpec, arch: model_config.ModelConfig, mesh, stage: int, *, abstract: bool = False):
-    """The model on `mesh` with its parameters born in the ZeRO `stage` layout; returns (model, layout).
+def born(spec: ModelSpec, arch: model_config.ModelConfig, mesh, *, abstract: bool = False):
+    """The model on `mesh` with its parameters born in its ZeRO stage's layout; returns (model, layout).
 
-    The stage is read once, into the `Layout`; the model is built with `layout.shardings`. `abstract`:
+    `spec.zero_stage` is read once, into the `Layout`; the model is built with `layout.shardings`. `abstract`:
     an `nnx.eval_shape`'d model (shapes, dtypes and shardings only; no weights read or allocated).
     """
     dtype, param_dtype = dtype_of(spec.dtype), dtype_of(spec.param_dtype)
@@ -111,7 +117,7 @@ def born(spec: ModelSpec, arch: model_config.ModelConfig, mesh, stage: int, *, a
     def fresh(sh):
         return _lora(new_model(spec, arch, sh), spec)
 
-    layout = zero_layout(fresh, mesh, stage)
+    layout = zero_layout(fresh, mesh, spec.zero_stage)
     with jax.set_mesh(mesh):
         if abstract:
             model = store_params(nnx.eval_shape(lambda: fresh(layout.shardings)), param_dtype)
@@ -150,8 +156,8 @@ def make_trainer(cfg: RunConfig, mesh, model, layout: Layout, loss_fn, *, lr: fl
 
 
 def trainer(role: Role, cfg: RunConfig, mesh, *, abstract: bool = False) -> Trainer:
-    """A trained role's Trainer (its model born in the layout); with `abstract`, for lowering only."""
-    model, layout = born(role.spec, role.arch, mesh, cfg.zero_stage, abstract=abstract)
+    """A trained role's Trainer (its model born in its own layout); with `abstract`, for lowering only."""
+    model, layout = born(role.spec, role.arch, mesh, abstract=abstract)
     return make_trainer(cfg, mesh, model, layout, role.loss, lr=role.lr, total_steps=role.total_steps,
                         lora_only=role.lora_only)
 
@@ -159,7 +165,7 @@ def trainer(role: Role, cfg: RunConfig, mesh, *, abstract: bool = False) -> Trai
 def frozen(role: Role, cfg: RunConfig, mesh, *, abstract: bool = False) -> tuple[Any, dict]:
     """A frozen role as (graphdef, state): its pure-dict state on `mesh` (with `abstract`: as
     `jax.ShapeDtypeStruct`s carrying their shardings)."""
-    model, _ = born(role.spec, role.arch, mesh, cfg.zero_stage, abstract=abstract)
+    model, _ = born(role.spec, role.arch, mesh, abstract=abstract)
     graphdef, state = nnx.split(model)
     if not abstract:
         return graphdef, state

@@ -11,7 +11,9 @@ The pieces:
 - :func:`make_schedule` (WarmupLR, WarmupDecayLR, WarmupCosineLR as optax schedules),
 - :func:`make_optimizer` (the config's Adam/AdamW/SGD, or a given optax optimizer, wrapped in clipping,
   loss scaling and accumulation),
-- :func:`to_run_config_overrides` (the same file as `key=value` overrides of jaxrl's RunConfig).
+- :func:`to_run_config_overrides` (the same file as `key=value` overrides of jaxrl's RunConfig) and
+  :func:`critic_overrides` (DeepSpeed-Chat's step-3 critic file, onto the critic's keys),
+- :func:`check_hybrid_engine` (a `hybrid_engine.max_out_tokens` shorter than the rollouts is an error).
 """
 
 from __future__ import annotations
@@ -31,15 +33,15 @@ import optax
 
 from jaxrl.errors import JaxrlError
 from jaxrl.io import read_json
-from jaxrl.optim import LossScaleConfig, accumulate
-from jaxrl.precision import loss_scaled, skip_nonfinite
+from jaxrl.optim import LossScaleConfig, wrap_optimizer
 
 # --------------------------------------------------------------------------------------------- schema
 # Understood keys per section ("" is the top level). "mesh" is ours: the ('data', 'fsdp', 'tensor')
 # axis sizes of the engine's mesh (default: every device on 'data').
 _UNDERSTOOD = {
     "": ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "fp16", "bf16",
-         "bfloat16", "zero_optimization", "gradient_clipping", "optimizer", "scheduler", "steps_per_print", "mesh"),
+         "bfloat16", "zero_optimization", "gradient_clipping", "optimizer", "scheduler", "steps_per_print", "mesh",
+         "hybrid_engine"),
     "fp16": ("enabled", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis",
              "consecutive_hysteresis", "min_loss_scale"),
     "bf16": ("enabled",),
@@ -47,6 +49,8 @@ _UNDERSTOOD = {
     "optimizer": ("type", "params"),
     "scheduler": ("type", "params"),
     "mesh": ("data", "fsdp", "tensor"),
+    # DeepSpeed-Chat's step-3 actor: its generation tensor-parallel size and the tokens one generation holds.
+    "hybrid_engine": ("enabled", "inference_tp_size", "max_out_tokens"),
 }
 
 # Accepted and ignored: they tune PyTorch/CUDA memory, communication or tooling, which XLA owns here.
@@ -54,7 +58,7 @@ _PYTORCH_ONLY = {
     "": ("wall_clock_breakdown", "zero_allow_untested_optimizer", "amp", "activation_checkpointing",
          "flops_profiler", "comms_logger", "memory_breakdown", "dump_state", "prescale_gradients",
          "gradient_predivide_factor", "communication_data_type", "sparse_gradients", "zero_force_ds_cpu_optimizer",
-         "checkpoint", "aio", "tensorboard", "wandb", "csv_monitor", "comet", "timers", "hybrid_engine",
+         "checkpoint", "aio", "tensorboard", "wandb", "csv_monitor", "comet", "timers",
          "dataloader_drop_last", "torch_autocast", "graph_harvesting", "use_data_before_expert_parallel_"),
     "fp16": ("auto_cast", "fp16_master_weights_and_grads"),
     "bf16": ("immediate_grad_update", "check_grad_overflow", "bf16_master_weights_and_grads",
@@ -68,6 +72,9 @@ _PYTORCH_ONLY = {
                           "mics_shard_size", "mics_hierarchical_params_gather", "use_multi_rank_bucket_allreduce",
                           "pipeline_loading_checkpoint", "override_module_apply", "log_trace_cache_warnings"),
     "optimizer.params": ("torch_adam", "fused"),
+    # Which CUDA buffers DeepSpeed's Hybrid Engine keeps between generations and how it gathers ZeRO-3
+    # shards for its kernels; jaxrl's Hybrid Engine reshards in one jitted step and drops the copy.
+    "hybrid_engine": ("release_inference_cache", "pin_parameters", "tp_gather_partition_size"),
 }
 _PYTORCH_ONLY_PREFIX = {"zero_optimization": "stage3_"}  # stage3_prefetch_bucket_size, stage3_max_live_parameters...
 
@@ -162,6 +169,14 @@ class SchedulerSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class HybridEngineSpec:
+    """An enabled `hybrid_engine` section (DeepSpeed's defaults for what it leaves out)."""
+
+    inference_tp_size: int  # tensor-parallel size of generation: jaxrl's generation.mesh.tensor
+    max_out_tokens: int  # tokens (prompt + generated) one sequence of a generation may hold
+
+
+@dataclasses.dataclass(frozen=True)
 class DeepSpeedConfig:
     """A validated DeepSpeed config, batch sizes resolved for `dp_size` data-parallel devices."""
 
@@ -177,6 +192,7 @@ class DeepSpeedConfig:
     scheduler: SchedulerSpec | None  # None: a constant learning rate (or the optax optimizer's own)
     steps_per_print: int  # log every this many optimizer steps
     mesh: Mapping[str, int]  # our "mesh" key: {"data", "fsdp", "tensor"} axis sizes (-1: the rest)
+    hybrid_engine: HybridEngineSpec | None = None  # None: no hybrid_engine section, or one not enabled
     ignored: tuple[str, ...] = ()  # PyTorch/CUDA-only keys that were accepted and ignored
     raw: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)  # the config as given
 
@@ -377,7 +393,7 @@ def parse(config: Mapping | str | os.PathLike, dp_size: int, *, warn: bool = Tru
     _check_keys(raw, "", _UNDERSTOOD[""], ignored)
     if "bf16" in raw and "bfloat16" in raw:
         raise JaxrlError("the DeepSpeed config has both 'bf16' and its alias 'bfloat16'; keep one")
-    sections = {name: _section(raw, name) for name in ("fp16", "zero_optimization")}
+    sections = {name: _section(raw, name) for name in ("fp16", "zero_optimization", "hybrid_engine")}
     sections["bf16"] = _section(raw, "bfloat16" if "bfloat16" in raw else "bf16")
     for name, section in sections.items():
         _check_keys(section, name, _UNDERSTOOD[name], ignored)
@@ -409,8 +425,30 @@ def parse(config: Mapping | str | os.PathLike, dp_size: int, *, warn: bool = Tru
         loss_scale=_loss_scale(sections["fp16"], fp16), zero_stage=stage, gradient_clipping=clip,
         optimizer=optimizer, scheduler=scheduler,
         steps_per_print=_value(raw, "steps_per_print", "", "pos_int", 10),
-        mesh=mesh, ignored=tuple(ignored), raw=raw,
+        mesh=mesh, hybrid_engine=_hybrid_engine(sections["hybrid_engine"]), ignored=tuple(ignored), raw=raw,
     )
+
+
+def _hybrid_engine(section: Mapping) -> HybridEngineSpec | None:
+    """`hybrid_engine` -> its spec when enabled (DeepSpeed's defaults: tensor-parallel 1, 512 tokens)."""
+    p = "hybrid_engine"
+    if not _value(section, "enabled", p, "bool", False):
+        return None
+    return HybridEngineSpec(inference_tp_size=_value(section, "inference_tp_size", p, "pos_int", 1),
+                            max_out_tokens=_value(section, "max_out_tokens", p, "pos_int", 512))
+
+
+def check_hybrid_engine(ds: DeepSpeedConfig, max_prompt_len: int, max_new_tokens: int) -> None:
+    """A DeepSpeed Hybrid Engine sized for fewer tokens than a rollout holds is an error, not a surprise:
+    DeepSpeed-Chat sets `max_out_tokens` to its prompt plus answer lengths, so a run asking for longer
+    sequences does not match the file it came from."""
+    he = ds.hybrid_engine
+    if he is None or he.max_out_tokens >= max_prompt_len + max_new_tokens:
+        return
+    raise JaxrlError(f"hybrid_engine.max_out_tokens ({he.max_out_tokens}) is less than data.max_prompt_len "
+                     f"({max_prompt_len}) + generation.max_new_tokens ({max_new_tokens}) = "
+                     f"{max_prompt_len + max_new_tokens}, the tokens of one rollout sequence: raise max_out_tokens "
+                     f"in the DeepSpeed config, or lower data.max_prompt_len or generation.max_new_tokens")
 
 
 # ------------------------------------------------------------------------------------ schedule, optimizer
@@ -496,7 +534,8 @@ def base_optimizer(ds: DeepSpeedConfig) -> optax.GradientTransformation:
 
 def make_optimizer(ds: DeepSpeedConfig,
                    optimizer: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
-    """`MultiSteps(scale_or_skip(chain(clip, optimizer)), gradient_accumulation_steps)`.
+    """`MultiSteps(scale_or_skip(chain(clip, optimizer)), gradient_accumulation_steps)`: jaxrl's own
+    wrapping (`jaxrl.optim.wrap_optimizer`, which the runs' AdamW goes through too) around the optimizer.
 
     Args:
       ds: the parsed config.
@@ -514,18 +553,7 @@ def make_optimizer(ds: DeepSpeedConfig,
         tx = optimizer
     else:
         tx = base_optimizer(ds)
-    if ds.gradient_clipping > 0:
-        tx = optax.chain(optax.clip_by_global_norm(ds.gradient_clipping), tx)
-    ls = ds.loss_scale
-    if not ls.enabled:
-        tx = skip_nonfinite(tx)
-    elif ls.static_scale > 0:
-        tx = loss_scaled(tx, init_scale=ls.static_scale, dynamic=False)
-    else:
-        tx = loss_scaled(tx, init_scale=2.0**ls.initial_scale_power, window=ls.loss_scale_window,
-                         hysteresis=ls.hysteresis, min_scale=ls.min_loss_scale,
-                         consecutive_hysteresis=ls.consecutive_hysteresis)
-    return accumulate(tx, ds.grad_accum)
+    return wrap_optimizer(tx, clip_norm=ds.gradient_clipping, loss_scale=ds.loss_scale, grad_accum=ds.grad_accum)
 
 
 # ----------------------------------------------------------------------------------- RunConfig overrides
@@ -536,7 +564,8 @@ def to_run_config_overrides(config: Mapping | str | os.PathLike | DeepSpeedConfi
     Only what the file states is mapped (absent keys keep jaxrl's defaults): `train.batch_size`,
     `optim.grad_accum`, `optim.lr/b1/b2/eps/weight_decay/clip_norm`, `zero_stage`, `precision.compute`,
     `precision.loss_scale.*`, `optim.schedule/warmup_steps/min_lr_ratio` and `train.steps` (from the
-    scheduler), `train.log_every`, `mesh.*`.
+    scheduler), `train.log_every`, `mesh.*`, and from an enabled `hybrid_engine` (DeepSpeed-Chat's step-3
+    actor) `generation.mesh.tensor` = `inference_tp_size`.
 
     Args:
       config: a dict, a JSON path, or a parsed config.
@@ -545,12 +574,24 @@ def to_run_config_overrides(config: Mapping | str | os.PathLike | DeepSpeedConfi
     Raises:
       JaxrlError: what `parse` rejects, and what RunConfig cannot express (SGD, Adam with L2 decay).
     """
+    return _as_overrides(_mapped(_parsed(config, world_size)))
+
+
+def _parsed(config, world_size: int | None) -> DeepSpeedConfig:
     if isinstance(config, DeepSpeedConfig):
-        ds = config
-    else:
-        raw = load(config)
-        ds = parse(raw, world_size or _dp_size_of(raw))
-    raw, out = ds.raw, {}  # RunConfig key -> value text; a later entry wins (the scheduler's lr)
+        return config
+    raw = load(config)
+    return parse(raw, world_size or _dp_size_of(raw))
+
+
+def _as_overrides(out: Mapping[str, Any]) -> list[str]:
+    # JSON scalars are YAML scalars (true, 0.001, 16); strings such as 'bf16' go in bare.
+    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in out.items()]
+
+
+def _mapped(ds: DeepSpeedConfig) -> dict[str, Any]:
+    """RunConfig key -> value for what the parsed file states (see `to_run_config_overrides`)."""
+    raw, out = ds.raw, {}  # a later entry wins (the scheduler's lr)
     if {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"} & set(raw):
         out.update({"train.batch_size": ds.train_batch_size, "optim.grad_accum": ds.grad_accum})
     if "gradient_clipping" in raw:
@@ -577,8 +618,51 @@ def to_run_config_overrides(config: Mapping | str | os.PathLike | DeepSpeedConfi
         out["train.log_every"] = ds.steps_per_print
     mesh = raw.get("mesh", {})
     out.update({f"mesh.{axis}": mesh[axis] for axis in ("data", "fsdp", "tensor") if axis in mesh})
-    # JSON scalars are YAML scalars (true, 0.001, 16); strings such as 'bf16' go in bare.
-    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in out.items()]
+    if ds.hybrid_engine is not None:
+        out["generation.mesh.tensor"] = ds.hybrid_engine.inference_tp_size
+    return out
+
+
+# The critic's file sets the critic's own keys; the rest it shares with the actor (the run). PPO batches
+# come from ppo.* (not train.batch_size) and the run logs once (not per model).
+_CRITIC_OWN = {"zero_stage": "ppo.critic.zero_stage", "optim.lr": "ppo.critic_lr"}
+_CRITIC_UNUSED = ("train.batch_size", "train.log_every")
+
+
+def critic_overrides(config: Mapping | str | os.PathLike | DeepSpeedConfig, run, world_size: int | None = None,
+                     ) -> list[str]:
+    """DeepSpeed-Chat's step-3 critic config (`--critic_zero_stage`, its own DeepSpeed engine) as overrides
+    of the critic's RunConfig keys: its ZeRO stage -> `ppo.critic.zero_stage`, and the reward model's
+    stage as DeepSpeed-Chat derives it (ZeRO-3 with a ZeRO-3 critic, else 0) -> `ppo.reward.zero_stage`;
+    an optimizer or scheduler lr -> `ppo.critic_lr`.
+
+    Everything else the file states (precision, loss scaling, clipping, accumulation, Adam's betas, the
+    schedule, the mesh) jaxrl's critic shares with the actor, so it must equal `run`'s (the config with
+    the actor's file applied); a difference is an error naming the key.
+
+    Args:
+      config: the critic's DeepSpeed config (dict, JSON path or parsed).
+      run: the RunConfig it joins. world_size: as for `to_run_config_overrides`.
+    """
+    ds = _parsed(config, world_size)
+    out = {}
+    for key, value in _mapped(ds).items():
+        if key in _CRITIC_OWN:
+            out[_CRITIC_OWN[key]] = value
+        elif key not in _CRITIC_UNUSED and _lookup(run, key) != value:
+            raise JaxrlError(f"the critic's DeepSpeed config gives {key}={value} but the actor's run has "
+                             f"{_lookup(run, key)}: jaxrl trains the critic with the actor's settings except its "
+                             f"ZeRO stage and learning rate (ppo.critic.zero_stage, ppo.critic_lr); make the two "
+                             f"files agree on it")
+    if "ppo.critic.zero_stage" in out:
+        out["ppo.reward.zero_stage"] = 3 if out["ppo.critic.zero_stage"] == 3 else 0
+    return _as_overrides(out)
+
+
+def _lookup(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def _schedule_overrides(ds: DeepSpeedConfig) -> dict[str, Any]:

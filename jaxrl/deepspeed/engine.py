@@ -45,8 +45,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxrl import deepspeed_config
-from jaxrl.deepspeed_config import DeepSpeedConfig
+from jaxrl.deepspeed import config as deepspeed_config
+from jaxrl.deepspeed.config import DeepSpeedConfig
 from jaxrl.errors import JaxrlError
 from jaxrl.parallel.mesh import make_mesh
 from jaxrl.parallel.sharding import DATA_AXES, data_parallel_size, generic_zero_layout
@@ -257,7 +257,7 @@ def initialize(model: nnx.Module, optimizer: optax.GradientTransformation | None
       optimizer: an optax GradientTransformation; None builds the config's `optimizer` and `scheduler`
         sections (Adam, AdamW, SGD; WarmupLR, WarmupDecayLR, WarmupCosineLR). Either way the engine adds
         `gradient_clipping`, fp16 loss scaling and gradient accumulation around it.
-      config: a DeepSpeed config dict or JSON path (see `jaxrl.deepspeed_config` for the keys understood).
+      config: a DeepSpeed config dict or JSON path (see `jaxrl.deepspeed.config` for the keys understood).
       mesh: a ready ('data', 'fsdp', 'tensor') mesh; default from the config's "mesh" key (ours), else
         every device on 'data'.
     Returns:
