@@ -1,4 +1,4 @@
-"""`jaxrl pipeline` on the embedded default at reduced size: three steps, summary.json, plots, resume."""
+"""`jaxrl pipeline` on the embedded default: three steps, what summary.json reports, plots, resume."""
 
 import json
 import os
@@ -7,6 +7,7 @@ import pytest
 
 from jaxrl import cli
 
+# A reduced pipeline for tests that need the three steps to run, not to learn (multi-host, bad inputs).
 REDUCED = [
     "data.max_prompt_len=8", "data.max_len=16", "generation.max_new_tokens=6", "train.batch_size=16",
     "train.log_every=1", "train.eval_every=0", "pipeline.eval_prompts=32",
@@ -18,8 +19,10 @@ REDUCED = [
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
+    """The embedded default exactly as `jaxrl pipeline` runs it (seed 0, about 4 minutes on 2 cores): what
+    the README promises is checked on the configuration it promises it for."""
     out = str(tmp_path_factory.mktemp("pipeline"))
-    assert cli.main(["pipeline", "--output", out, *REDUCED]) == 0
+    assert cli.main(["pipeline", "--output", out]) == 0
     return out
 
 
@@ -32,7 +35,12 @@ def test_pipeline_writes_summary_plots_and_models(pipeline_dir):
     for key in ("task_accuracy_before", "task_accuracy_after"):
         assert 0.0 <= ppo[key] <= 1.0
     assert ppo["task_accuracy_before"] == summary["sft"]["task_accuracy"]  # the same measurement of the same model
-    assert ppo["kl"] == ppo["kl"] and abs(ppo["kl"]) < 10  # finite and bounded
+    # What the README claims of the default: PPO raises both the reward model's score and the checker's task
+    # accuracy of sampled answers to held-out prompts, at a bounded KL from the SFT model.
+    assert ppo["reward_after"] > ppo["reward_before"], ppo
+    assert ppo["task_accuracy_after"] > ppo["task_accuracy_before"], ppo
+    assert 0 < ppo["kl"] < 1, ppo
+    assert summary["reward"]["pairwise_accuracy"] > 0.7, summary["reward"]  # well above chance (0.5)
     step3 = os.path.join(pipeline_dir, "step3_ppo")
     for name in ("reward_mean.png", "reward_score.png", "kl.png"):
         assert os.path.getsize(os.path.join(step3, "plots", name)) > 0
@@ -44,13 +52,13 @@ def test_ppo_reward_rises(pipeline_dir):
     from jaxrl.train.metrics import read_metrics
 
     scores = [m["reward/score"] for m in read_metrics(os.path.join(pipeline_dir, "step3_ppo")) if "reward/score" in m]
-    assert len(scores) == 8
+    assert len(scores) == 15  # 150 PPO steps logged every 10
     assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3, scores
 
 
 def test_rerun_skips_finished_steps_and_subsets_run(pipeline_dir, capsys):
     before = os.path.getmtime(os.path.join(pipeline_dir, "step1_sft", "done.json"))
-    assert cli.main(["pipeline", "--output", pipeline_dir, "--steps", "2,3", *REDUCED]) == 0
+    assert cli.main(["pipeline", "--output", pipeline_dir, "--steps", "2,3"]) == 0
     assert os.path.getmtime(os.path.join(pipeline_dir, "step1_sft", "done.json")) == before
     assert '"ppo"' in capsys.readouterr().out
 
