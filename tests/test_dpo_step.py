@@ -88,7 +88,8 @@ def test_lora_reference_is_the_base_model_and_the_plan_is_the_runs_compiled_step
     trainer = role_lib.trainer(policy, cfg, mesh)
     state = trainer.init_state()
     # Adapters that change the model (B starts at 0): the reference must still be the base.
-    params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(1), x.shape, x.dtype), state.params)
+    params = jax.device_put(jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(1), x.shape, x.dtype),
+                                         state.params), trainer.state_shardings.params)
     records = [PreferenceRecord("12+30=", "42", "43", "a"), PreferenceRecord("7+8=", "15", "51", "b")]
     arrays = tokenize_pairs(records * 4, Encoder.from_tokenizer(tok), max_len=16, loss_mask=True).arrays
     forward = role_lib.jit_forward(ref, trainer.graphdef)
@@ -97,7 +98,6 @@ def test_lora_reference_is_the_base_model_and_the_plan_is_the_runs_compiled_step
     base_graphdef, base_state = role_lib.frozen(base, cfg, mesh)
     with jax.set_mesh(mesh):
         batch = role_lib.feed(ref, build.to_device(arrays, trainer.batch_sharding))
-        got = jax.device_get(forward((params, state.frozen), batch))
         want = jax.device_get(role_lib.jit_forward(base, base_graphdef)(base_state, batch))
         with_adapters = jax.device_get(jax.jit(lambda p, b: pair_logprobs(
             nnx.merge(trainer.graphdef, p, state.frozen), b)[:2])(params, batch))
@@ -105,6 +105,7 @@ def test_lora_reference_is_the_base_model_and_the_plan_is_the_runs_compiled_step
         zeros = {k: jax.device_put(jnp.zeros(s, d), trainer.batch_sharding) for k, (s, d) in policy.batch.items()}
         step = compile_for_memory(trainer.lower(state, role_lib.feed(policy, zeros)))
         ref_step = compile_for_memory(forward.lower((state.params, state.frozen), batch))
+        got = jax.device_get(ref_step((params, state.frozen), batch))  # the run's forward, compiled once here
     np.testing.assert_allclose(np.stack(got), np.stack(want), rtol=1e-5, atol=1e-5)
     assert np.abs(np.stack(with_adapters) - np.stack(want)).max() > 1e-2  # the adapters do matter
     assert list(planned) == ["policy train step", "reference forward"]
