@@ -17,6 +17,7 @@ COMMANDS = {
     "sft": ("jaxrl.commands.train", "step 1: supervised fine-tuning"),
     "reward": ("jaxrl.commands.train", "step 2: reward-model training (pairwise loss)"),
     "ppo": ("jaxrl.commands.train", "step 3: PPO RLHF through the Hybrid Engine"),
+    "dpo": ("jaxrl.commands.train", "offline preference training: DPO, cDPO, IPO, hinge, SimPO"),
     "pipeline": ("jaxrl.commands.pipeline", "all three steps, each feeding the next"),
     "generate": ("jaxrl.commands.generate", "generate text from an HF directory"),
     "chat": ("jaxrl.commands.chat", "interactive chat with an HF directory"),

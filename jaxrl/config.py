@@ -367,6 +367,9 @@ class ModelSection:
     critic_path: str = ""
     # PPO reward model (an HF directory); empty: the output of the previous (reward) step.
     reward_path: str = ""
+    # DPO's frozen reference model (an HF directory or preset); empty: model.path (the starting weights;
+    # under LoRA-only training the policy with its adapters off, no second copy). Unused by dpo.loss=simpo.
+    ref_path: str = ""
 
     def __post_init__(self):
         _check(bool(self.path), "path", "must name an HF directory or a preset such as 'tiny'")
@@ -685,6 +688,8 @@ class PipelineSection:
     reward: tuple[str, ...] = ()
     # Overrides for step 3 (PPO).
     ppo: tuple[str, ...] = ()
+    # Overrides for step 3 when algorithm=dpo (DPO on the preference pairs, in place of steps 2 and 3).
+    dpo: tuple[str, ...] = ()
     # Held-out prompts sampled for the task-accuracy and reward-score figures of summary.json (synthetic task).
     eval_prompts: int = 256
 
@@ -711,6 +716,8 @@ class RunConfig:
     reward: RewardSection = _sub(RewardSection)
     ppo: PpoSection = _sub(PpoSection)
     dpo: DpoSection = _sub(DpoSection)
+    # Step 3 of `jaxrl pipeline`: ppo (reward model, then PPO) or dpo (DPO on the preference pairs).
+    algorithm: Literal["ppo", "dpo"] = "ppo"
     distributed: DistributedSection = _sub(DistributedSection)
     pipeline: PipelineSection = _sub(PipelineSection)
     # The run's seed (parameters, data order, sampling).

@@ -61,7 +61,7 @@ def sequence_logprobs(model, input_ids, attention_mask, loss_mask):
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, chosen_tokens, rejected_tokens,
              loss_type: LossType = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
-             simpo_gamma: float = 0.5):
+             simpo_gamma: float = 0.5, valid=None):
     """Preference loss of one batch of pairs (formulas in the module docstring).
 
     Args:
@@ -73,11 +73,14 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, chosen
       beta: the inverse temperature beta (IPO's tau).
       label_smoothing: eps of conservative DPO, the probability that a label is flipped (`sigmoid`).
       simpo_gamma: SimPO's target reward margin gamma.
+      valid: optional (B,) row weights, 0 on the padding rows of an evaluation batch: every mean is then
+        sum_b valid_b x_b / sum_b valid_b.
     Returns:
       loss (scalar fp32, mean over pairs) and metrics `loss`, `rewards/chosen`, `rewards/rejected`
       (beta (log pi - log pi_ref) of the log-probs the loss used; for `simpo` beta a, reference-free),
       `rewards/accuracy` (share of pairs with chosen reward > rejected), `rewards/margin`,
-      `logps/chosen`, `logps/rejected` (summed policy log-probs), all means over pairs, and `weight`.
+      `logps/chosen`, `logps/rejected` (summed policy log-probs), all means over pairs, and `weight`
+      (the number of pairs; of real pairs with `valid`).
     """
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     pc, pr = f32(policy_chosen), f32(policy_rejected)
@@ -101,16 +104,73 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, chosen
             losses = jax.nn.relu(1.0 - beta * h)
     else:
         raise ValueError(f"dpo loss must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
-    loss = jnp.mean(losses)
+    if valid is None:
+        mean, weight = jnp.mean, jnp.asarray(losses.shape[0], jnp.float32)
+    else:
+        valid = f32(valid)
+        weight = valid.sum()
+        mean = lambda x: (x * valid).sum() / jnp.maximum(weight, 1.0)  # noqa: E731
+    loss = mean(losses)
     chosen_reward, rejected_reward = jax.lax.stop_gradient((chosen_reward, rejected_reward))
     metrics = {
         "loss": loss,
-        "rewards/chosen": jnp.mean(chosen_reward),
-        "rewards/rejected": jnp.mean(rejected_reward),
-        "rewards/accuracy": jnp.mean((chosen_reward > rejected_reward).astype(jnp.float32)),
-        "rewards/margin": jnp.mean(chosen_reward - rejected_reward),
-        "logps/chosen": jnp.mean(jax.lax.stop_gradient(f32(policy_chosen))),
-        "logps/rejected": jnp.mean(jax.lax.stop_gradient(f32(policy_rejected))),
-        "weight": jnp.asarray(losses.shape[0], jnp.float32),
+        "rewards/chosen": mean(chosen_reward),
+        "rewards/rejected": mean(rejected_reward),
+        "rewards/accuracy": mean((chosen_reward > rejected_reward).astype(jnp.float32)),
+        "rewards/margin": mean(chosen_reward - rejected_reward),
+        "logps/chosen": mean(jax.lax.stop_gradient(f32(policy_chosen))),
+        "logps/rejected": mean(jax.lax.stop_gradient(f32(policy_rejected))),
+        "weight": weight,
     }
     return loss, metrics
+
+
+PAIR_KEYS = tuple(f"{side}_{k}" for side in ("chosen", "rejected") for k in ("input_ids", "attention_mask", "loss_mask"))
+REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def pair_logprobs(model, batch):
+    """Summed response log-probs and token counts of a batch of pairs, in one concatenated forward.
+
+    The B chosen and B rejected rows (same padded length T) go through `sequence_logprobs` as one (2B, T)
+    batch: one program for both halves, as TRL's `concatenated_forward`.
+
+    Args:
+      model: a causal-LM `Transformer`.
+      batch: `PAIR_KEYS`, each (B, T): `{chosen,rejected}_{input_ids,attention_mask,loss_mask}`.
+    Returns:
+      (chosen logp, rejected logp, chosen tokens, rejected tokens), each (B,) fp32.
+    """
+    b = batch["chosen_input_ids"].shape[0]
+    both = [jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0)
+            for k in ("input_ids", "attention_mask", "loss_mask")]
+    logp, n = sequence_logprobs(model, *both)  # (2B,), (2B,)
+    return logp[:b], logp[b:], n[:b], n[b:]
+
+
+def reference_logprobs(model, batch):
+    """The frozen reference's (chosen, rejected) summed response log-probs, each (B,) fp32."""
+    chosen, rejected, _, _ = pair_logprobs(model, batch)
+    return chosen, rejected
+
+
+def preference_loss(model, batch, *, loss_type: LossType = "sigmoid", beta: float = 0.1,
+                    label_smoothing: float = 0.0, simpo_gamma: float = 0.5):
+    """The policy's loss on a batch of pairs: `pair_logprobs` under `model`, then `dpo_loss`.
+
+    Args:
+      model: the policy (`Transformer`); gradients flow through its log-probs.
+      batch: `PAIR_KEYS` (B, T); `REF_KEYS` (B,) fp32, the reference's summed log-probs computed outside
+        the step (not read by `simpo`, which may omit them); optional `valid` (B,).
+      loss_type, beta, label_smoothing, simpo_gamma: as `dpo_loss`.
+    Returns:
+      `dpo_loss`'s (loss, metrics).
+    """
+    chosen, rejected, n_chosen, n_rejected = pair_logprobs(model, batch)
+    if loss_type == "simpo":
+        ref_chosen = ref_rejected = jnp.zeros_like(chosen)
+    else:
+        ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens=n_chosen, rejected_tokens=n_rejected,
+                    loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma,
+                    valid=batch.get("valid"))

@@ -1,8 +1,9 @@
 """`jaxrl pipeline`: SFT -> reward model -> PPO, each step's output feeding the next (DeepSpeed-Chat's
-e2e_rlhf.py), resumable at any point; writes OUTPUT/summary.json.
+e2e_rlhf.py), resumable at any point; writes OUTPUT/summary.json. With `algorithm=dpo`, SFT -> DPO on the
+preference pairs (no reward model: step 2 is not run).
 
-Layout: OUTPUT/step1_sft, OUTPUT/step2_reward, OUTPUT/step3_ppo (each a normal run directory with its hf/
-export), OUTPUT/data (the synthetic dataset, when used). A finished step leaves `done.json` and is
+Layout: OUTPUT/step1_sft, OUTPUT/step2_reward, OUTPUT/step3_<algorithm> (each a normal run directory with
+its hf/ export), OUTPUT/data (the synthetic dataset, when used). A finished step leaves `done.json` and is
 skipped on a rerun; an interrupted one resumes from its checkpoints.
 """
 
@@ -12,14 +13,14 @@ import json
 import math
 import os
 
-STEP_DIRS = {1: "step1_sft", 2: "step2_reward", 3: "step3_ppo"}
+STEP_DIRS = {1: "step1_sft", 2: "step2_reward", 3: "step3_{algorithm}"}
 
 
 def add_arguments(parser) -> None:
     from jaxrl.commands.train import add_arguments as common
 
     common(parser)
-    parser.add_argument("--steps", default="1,2,3", help="which steps to run, e.g. 2,3 (default: 1,2,3)")
+    parser.add_argument("--steps", default="1,2,3", help="which steps to run, e.g. 2,3 (default: 1,2,3; algorithm=dpo has no step 2)")
 
 
 def run(args) -> int:
@@ -65,17 +66,21 @@ def run_pipeline(cfg, steps=(1, 2, 3)) -> dict:
     import jax
 
     from jaxrl.config import apply_overrides, save_yaml
+    from jaxrl.steps import dpo as dpo_step
     from jaxrl.steps import ppo, reward, sft
 
     out = cfg.output
-    dirs = {i: os.path.join(out, d) for i, d in STEP_DIRS.items()}
+    dirs = {i: os.path.join(out, d.format(algorithm=cfg.algorithm)) for i, d in STEP_DIRS.items()}
     shared = [f"data.cache_dir={cfg.data.cache_dir or os.path.join(out, 'data')}"]
     sft_hf, reward_hf = os.path.join(dirs[1], "hf"), os.path.join(dirs[2], "hf")
     p = cfg.pipeline
+    dpo = cfg.algorithm == "dpo"
+    if dpo:
+        steps = _without_reward_step(steps)
     # A step this run does not make must already be there, checked before anything is written.
     if 1 not in steps and {2, 3} & set(steps):
         _require(sft_hf, "step 1 (SFT)")
-    if 2 not in steps and 3 in steps:
+    if 2 not in steps and 3 in steps and not dpo:
         _require(reward_hf, "step 2 (reward model)")
     summary = _read(os.path.join(out, "summary.json"))
     if jax.process_index() == 0:
@@ -92,7 +97,13 @@ def run_pipeline(cfg, steps=(1, 2, 3)) -> dict:
         result = _step(dirs[2], lambda: reward.run(c2))
         summary["reward"] = {"pairwise_accuracy": result.get("accuracy"), "margin": result.get("margin")}
         _write(out, summary)
-    if 3 in steps:
+    if 3 in steps and dpo:
+        _require(sft_hf, "step 1 (SFT)")
+        c3 = apply_overrides(cfg, shared + [f"model.path={sft_hf}"] + list(p.dpo) + [f"output={dirs[3]}"])
+        result = _step(dirs[3], lambda: dpo_step.run(c3))
+        summary["dpo"] = _dpo_summary(c3, sft_hf, dirs[3], result)
+        _write(out, summary)
+    elif 3 in steps:
         from jaxrl.train.metrics import read_metrics
 
         _require(sft_hf, "step 1 (SFT)")
@@ -124,6 +135,32 @@ def ppo_figures(records: list[dict]) -> dict:
     kl, scores = values("kl", tail), values("reward/score", logged)
     return {"kl": sum(kl) / len(kl) if kl else None,
             "reward_score_first": scores[0] if scores else None, "reward_score_last": scores[-1] if scores else None}
+
+
+def _without_reward_step(steps: tuple[int, ...]) -> tuple[int, ...]:
+    """algorithm=dpo trains on the preference pairs directly: no reward model, so no step 2."""
+    from jaxrl.errors import JaxrlError
+
+    if steps == (2,):
+        raise JaxrlError("--steps 2: algorithm=dpo trains no reward model; run --steps 1,3 (SFT, then DPO)")
+    return tuple(s for s in steps if s != 2)
+
+
+def _dpo_summary(cfg, sft_hf: str, directory: str, result: dict) -> dict:
+    """Task accuracy of the SFT and the DPO model (the keys of "ppo"), and DPO's held-out pair metrics:
+    its loss, implicit-reward accuracy and margin at the end, and the training margin first and last."""
+    from jaxrl.train.metrics import read_metrics
+
+    logged = [m for m in read_metrics(directory) if "rewards/margin" in m]
+    tail = logged[-max(1, len(logged) // 5):]  # the last fifth of the run
+    return {
+        **_task_accuracy(cfg, sft_hf, "task_accuracy_before"),
+        **_task_accuracy(cfg, os.path.join(directory, "hf"), "task_accuracy_after"),
+        "eval_loss": result.get("loss"), "eval_reward_accuracy": result.get("rewards/accuracy"),
+        "eval_reward_margin": result.get("rewards/margin"),
+        "reward_margin_first": logged[0]["rewards/margin"],
+        "reward_margin_last": sum(m["rewards/margin"] for m in tail) / len(tail),
+    }
 
 
 def _step(directory: str, fn) -> dict:

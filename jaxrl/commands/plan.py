@@ -13,7 +13,7 @@ import re
 
 from jaxrl.errors import JaxrlError
 
-STEPS = ("sft", "reward", "ppo")  # jaxrl.steps.plan.STEPS, here so --help imports nothing
+STEPS = ("sft", "reward", "ppo", "dpo")  # jaxrl.steps.plan.STEPS, here so --help imports nothing
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS.update({p: 1024 ** (i + 1) for i, u in enumerate("kmgt") for p in (u, f"{u}i", f"{u}ib")})
 

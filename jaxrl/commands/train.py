@@ -1,4 +1,4 @@
-"""`jaxrl sft`, `jaxrl reward`, `jaxrl ppo`: reads the config, then runs the step (`jaxrl.steps.<name>.run`)."""
+"""`jaxrl sft`, `jaxrl reward`, `jaxrl ppo`, `jaxrl dpo`: reads the config, then runs the step (`jaxrl.steps.<name>.run`)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     cfg = load_run_config(args)  # first: it starts the distributed runtime before anything touches devices
-    from jaxrl.steps import ppo, reward, sft
+    from jaxrl.steps import dpo, ppo, reward, sft
 
-    {"sft": sft.run, "reward": reward.run, "ppo": ppo.run}[args.command](cfg)
+    {"sft": sft.run, "reward": reward.run, "ppo": ppo.run, "dpo": dpo.run}[args.command](cfg)
     return 0
 
 

@@ -193,10 +193,13 @@ def pack_rows(
 
 
 def tokenize_pairs(
-    records: Sequence[PreferenceRecord], enc: Encoder, *, max_len: int, max_prompt_len: int | None = None
+    records: Sequence[PreferenceRecord], enc: Encoder, *, max_len: int, max_prompt_len: int | None = None,
+    loss_mask: bool = False,
 ) -> Tokenized:
     """Preference records -> `chosen_input_ids`, `chosen_attention_mask`, `rejected_input_ids`,
-    `rejected_attention_mask` (N, max_len), each sequence ending in EOS (truncated like `tokenize_sft`)."""
+    `rejected_attention_mask` (N, max_len), each sequence ending in EOS (truncated like `tokenize_sft`).
+    With `loss_mask` also `chosen_loss_mask`, `rejected_loss_mask`: 1 on the response tokens (and EOS),
+    what DPO's log-probs sum over."""
     _check_lengths(enc, max_len, max_prompt_len)
     prompts = enc.prompts([r.prompt for r in records])
     keep = [max_prompt_len is None or len(p) <= max_prompt_len for p in prompts]
@@ -204,10 +207,12 @@ def tokenize_pairs(
     arrays = {}
     for side in ("chosen", "rejected"):
         responses = enc.responses([getattr(r, side) for r in records])
-        fitted = (_fit(p, r, max_len, len(enc.prefix)) for p, r, k in zip(prompts, responses, keep) if k)
+        fitted = [_fit(p, r, max_len, len(enc.prefix)) for p, r, k in zip(prompts, responses, keep) if k]
         seqs = [p + r for p, r in fitted]
         arrays[f"{side}_input_ids"] = pad_rows(seqs, max_len, enc.pad_id)
         arrays[f"{side}_attention_mask"] = pad_rows([[1] * len(s) for s in seqs], max_len, 0)
+        if loss_mask:
+            arrays[f"{side}_loss_mask"] = pad_rows([[0] * len(p) + [1] * len(r) for p, r in fitted], max_len, 0)
     return Tokenized(arrays, keep.count(False))
 
 

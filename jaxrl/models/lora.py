@@ -69,3 +69,16 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
 
 def has_lora(model: nnx.Module) -> bool:
     return any(isinstance(m, Dense) and m.lora is not None for _, m in nnx.iter_graph(model))
+
+
+def without_lora(model: nnx.Module) -> nnx.Module:
+    """The base model: every LoRA branch of `model` skipped, in place; returns `model`.
+
+    For a model merged from its state inside a jitted function (DPO's reference under LoRA: the policy
+    without its adapters, no second copy of the weights): only the module objects lose their branches,
+    the state they were merged from keeps its LoRA parameters.
+    """
+    for dense in [m for _, m in nnx.iter_graph(model) if isinstance(m, Dense) and m.lora is not None]:
+        dense.lora = nnx.data(None)
+        dense.lora_scale = 0.0
+    return model

@@ -1,7 +1,7 @@
 """The per-device memory of a step's compiled functions, before any run, from the roles the run builds.
 
-Each role of the step (`sft.roles`, `reward.roles`, `ppo.roles`, the very declarations `run` builds) is
-built with `abstract=True`: models from `nnx.eval_shape` (no weights read or allocated), train states and
+Each role of the step (`sft.roles`, `reward.roles`, `ppo.roles`, `dpo.roles`: the very declarations `run`
+builds) is built with `abstract=True`: models from `nnx.eval_shape` (no weights read or allocated), train states and
 batches as `jax.ShapeDtypeStruct`s carrying their shardings. Its function is lowered and compiled ahead
 of time for the configured meshes and each role's own ZeRO stage, and `Compiled.memory_analysis()` gives XLA's own
 per-device bytes: arguments, outputs (less those aliased to donated arguments) and temporaries.
@@ -26,12 +26,12 @@ from jaxrl.config import RunConfig
 from jaxrl.errors import JaxrlError
 from jaxrl.generation import decode, prefill
 from jaxrl.parallel.sharding import DATA_AXES
-from jaxrl.steps import ppo, reward, sft
+from jaxrl.steps import dpo, ppo, reward, sft
 from jaxrl.steps import role as role_lib
 from jaxrl.steps.role import Role
 from jaxrl.train import build
 
-STEPS = ("sft", "reward", "ppo")
+STEPS = ("sft", "reward", "ppo", "dpo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +65,8 @@ def plan(cfg: RunConfig, step: str) -> list[RoleMemory]:
     if step in ("sft", "reward"):
         (only,) = (sft if step == "sft" else reward).roles(cfg, mesh)
         return [train_memory(only, cfg, mesh)[0]]
+    if step == "dpo":
+        return dpo_memory(cfg, mesh)
     declared = ppo.roles(cfg, mesh)
     actor, actor_trainer = train_memory(declared["actor"], cfg, mesh)
     if cfg.ppo.ema > 0:  # the EMA copy of the actor's parameters lives beside them
@@ -74,6 +76,27 @@ def plan(cfg: RunConfig, step: str) -> list[RoleMemory]:
     rows = [actor, critic, *frozen, *generation_memory(cfg, declared["actor"], actor_trainer, mesh)]
     total = sum(r.resident for r in rows)
     return [dataclasses.replace(r, others=total - r.resident) for r in rows]
+
+
+def dpo_memory(cfg: RunConfig, mesh) -> list[RoleMemory]:
+    """The policy's train step and the reference's forward (none for simpo). A reference of its own is
+    resident beside the policy, unless dpo.precompute_ref runs it (and frees it) before the policy is
+    built; one that shares the policy's weights (LoRA) holds nothing more, and runs beside the policy's
+    optimizer state."""
+    declared = dpo.roles(cfg, mesh)
+    policy, trainer = train_memory(declared["policy"], cfg, mesh)
+    ref = declared.get("reference")
+    if ref is None:
+        return [policy]
+    if ref.shares:
+        state = trainer.abstract_state()
+        weights = (state.params, state.frozen)
+        row = forward_memory(ref, cfg, mesh, model=(trainer.graphdef, weights), resident=0)
+        return [policy, dataclasses.replace(row, others=policy.resident - per_device(weights))]
+    row = forward_memory(ref, cfg, mesh)
+    if cfg.dpo.precompute_ref:
+        return [policy, row]
+    return [dataclasses.replace(policy, others=row.resident), dataclasses.replace(row, others=policy.resident)]
 
 
 def train_memory(role: Role, cfg: RunConfig, mesh):
@@ -86,13 +109,16 @@ def train_memory(role: Role, cfg: RunConfig, mesh):
     return dataclasses.replace(row, zero_stage=role.spec.zero_stage), trainer
 
 
-def forward_memory(role: Role, cfg: RunConfig, mesh) -> RoleMemory:
-    """A frozen role's jitted forward (reference log-probs, reward scores) on one rollout batch."""
-    graphdef, state = role_lib.frozen(role, cfg, mesh, abstract=True)
+def forward_memory(role: Role, cfg: RunConfig, mesh, *, model=None, resident=None) -> RoleMemory:
+    """A frozen role's jitted forward (reference log-probs, reward scores) on one batch. `model`: the
+    abstract (graphdef, state) it runs on (default: its own, from `role_lib.frozen`); `resident`: the bytes
+    it keeps on the devices (default: that state's)."""
+    graphdef, state = model or role_lib.frozen(role, cfg, mesh, abstract=True)
     batch = role_lib.abstract_batch(role.batch, NamedSharding(mesh, P(DATA_AXES)))
     with jax.set_mesh(mesh):
         compiled = compile_for_memory(role_lib.jit_forward(role, graphdef).lower(state, batch))
-    return dataclasses.replace(memory(f"{role.name} forward", "forward", compiled, per_device(state)),
+    resident = per_device(state) if resident is None else resident
+    return dataclasses.replace(memory(f"{role.name} forward", "forward", compiled, resident),
                                zero_stage=role.spec.zero_stage)
 
 

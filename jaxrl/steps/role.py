@@ -91,6 +91,9 @@ class Role:
     lr: float | None = None  # None: optim.lr
     total_steps: int | None = None  # optimizer steps the schedule spans; None: train.steps
     lora_only: bool = False  # train only the LoRA branches (model.lora.train_only_lora)
+    # Frozen: runs on this trained role's weights instead of a model of its own (DPO's reference under
+    # LoRA: the policy with its adapters off); `spec` is then that role's, and nothing more is resident.
+    shares: str | None = None
 
     @property
     def trainable(self) -> bool:
@@ -103,6 +106,8 @@ class Role:
     def __post_init__(self):
         if (self.loss is None) == (self.forward is None):
             raise ValueError(f"role {self.name!r} needs exactly one of a loss (trained) or a forward (frozen)")
+        if self.shares is not None and self.forward is None:
+            raise ValueError(f"role {self.name!r} shares {self.shares!r}'s weights, so it must be frozen (a forward)")
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -176,9 +181,14 @@ def frozen(role: Role, cfg: RunConfig, mesh, *, abstract: bool = False) -> tuple
 
 
 def jit_forward(role: Role, graphdef):
-    """The frozen role's `forward` as one jitted function of (state, batch), activations over the data axes."""
-    return jax.jit(lambda state, batch: role.forward(
-        shard_activations(nnx.merge(graphdef, state), P(DATA_AXES)), batch))
+    """The frozen role's `forward` as one jitted function of (state, batch), activations over the data axes.
+    `state` is the role's own state, or, for a role that `shares` a trained role's weights, the tuple
+    (params, frozen) of that role's TrainState, merged with its Trainer's `graphdef`."""
+    def forward(state, batch):
+        states = state if isinstance(state, tuple) else (state,)
+        return role.forward(shard_activations(nnx.merge(graphdef, *states), P(DATA_AXES)), batch)
+
+    return jax.jit(forward)
 
 
 def abstract_batch(shapes: BatchShapes, sharding) -> dict:
