@@ -13,6 +13,12 @@ The optimizer update then runs under GSPMD with the optimizer state partitioned 
 
 The loss is averaged exactly as on one device: each loss function reports the denominator it averaged
 over as `metrics["weight"]` (default: its rows), and the step weights every device by it.
+
+Two parts: a `StateLayout` (the graph, where every piece of the TrainState lives, the state made from a
+model) knows no loss; `train_step(states, loss_fn)` is the pure jitted step of one loss on it, and any
+number of them share one state (`jaxrl.initialize`'s engine builds one per loss function). `Trainer` is
+a StateLayout with one loss's step, what a role trains with. Neither reads the ZeRO stage: the layout's
+spec trees say which parameters are partitioned (gathered before use) and which gradients scattered.
 """
 
 from __future__ import annotations
