@@ -1,5 +1,5 @@
-"""Typed run configuration: frozen dataclasses, YAML files that override their defaults, and dotted
-`key=value` overrides from the command line.
+"""The run's configuration schema: `RunConfig` and its typed, frozen sections, each field with its
+default and a comment, each section validating its ranges in `__post_init__`.
 
 One `RunConfig` serves every command (`sft`, `reward`, `ppo`, `pipeline`); each reads the sections it
 needs. A YAML file holds only what differs from the defaults below:
@@ -7,261 +7,26 @@ needs. A YAML file holds only what differs from the defaults below:
     train: {steps: 200, batch_size: 32}
     precision: {compute: bf16}
 
-Every value is checked against its field's annotation and every section checks its ranges in
-`__post_init__`, so a bad file fails before anything runs, with a message naming the dotted key.
+`jaxrl.config_loader` reads files and `key=value` overrides into it: every value is checked against its
+field's annotation, so a bad file fails before anything runs, with a message naming the dotted key.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
+import math
 import os
-import types
-import typing
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from collections.abc import Sequence
+from typing import Literal
 
-import yaml
+from jaxrl.config_loader import apply_overrides, config_keys, from_dict, load, save_yaml, to_dict
+from jaxrl.config_loader import check as _check
+from jaxrl.config_loader import check_positive as _check_positive
+from jaxrl.config_loader import section as _section
+from jaxrl.config_loader import sub as _sub
+from jaxrl.errors import ConfigValueError
 
-from jaxrl.errors import ConfigValueError, JaxrlError
-from jaxrl.errors import check_field as _check
-from jaxrl.io import atomic_write, read_yaml
-from jaxrl.optim import LossScaleConfig, OptimConfig
-
-T = TypeVar("T")
-_UNION_TYPES = (typing.Union, types.UnionType)
-
-# ---------------------------------------------------------------------------------------------------
-# The generic mechanism: dict <-> nested frozen dataclasses, type checks, overrides, YAML.
-# ---------------------------------------------------------------------------------------------------
-
-
-
-
-def _join(path: str, key: Any) -> str:
-    return f"{path}.{key}" if path else str(key)
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    # get_type_hints resolves the string annotations that `from __future__ import annotations` leaves.
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in typing.get_type_hints(cls).items() if k in names}
-
-
-def config_keys(cls: type, path: str = "") -> list[str]:
-    """All dotted leaf keys of dataclass `cls`, e.g. ['model.path', ..., 'seed', 'output']."""
-    keys = []
-    for name, tp in _hints(cls).items():
-        is_section = dataclasses.is_dataclass(tp)
-        keys += config_keys(tp, _join(path, name)) if is_section else [_join(path, name)]
-    return keys
-
-
-def _unknown_key(cls: type, key: Any, path: str) -> JaxrlError:
-    valid = list(_hints(cls))
-    message = f"unknown config key '{_join(path, key)}'"
-    close = difflib.get_close_matches(str(key), valid, n=1)
-    # A key put at the wrong level (`steps: 10` for `train.steps`) is matched by its last component.
-    deeper = [k for k in config_keys(cls, path) if k.rsplit(".", 1)[-1] == str(key)]
-    if deeper or close:
-        guesses = deeper or [_join(path, close[0])]
-        message += "; did you mean " + " or ".join(f"'{g}'" for g in guesses) + "?"
-    where = f"under '{path}'" if path else "at the top level"
-    return JaxrlError(f"{message} Valid keys {where}: {', '.join(valid)}")
-
-
-def _type_name(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return "a mapping (a config section)"
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in _UNION_TYPES:
-        return " or ".join(_type_name(a) for a in args)
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_type_name(args[0])}"
-        return "a list [" + ", ".join(_type_name(a) for a in args) + "]"
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Checks `value` against annotation `tp` and converts it (list -> tuple, int/'1e-4' -> float)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key)
-    if origin in _UNION_TYPES:
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            try:
-                return _convert(value, arg, key)
-            except JaxrlError:
-                pass
-    elif origin is Literal:
-        # `type(...) is` so that True does not pass for 1 (True == 1 in Python).
-        if any(value == a and type(value) is type(a) for a in args):
-            return value
-    elif origin is tuple and isinstance(value, (list, tuple)):
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(args) == len(value):
-            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-4` as a string.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is Any:
-        return value
-    elif origin is None and isinstance(tp, type):  # bool, str, ...
-        if isinstance(value, tp):
-            return value
-    elif origin is not tuple:
-        raise TypeError(f"config field '{key}' has an unsupported annotation {tp!r}")
-    raise JaxrlError(
-        f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})"
-    )
-
-
-def from_dict(cls: type[T], d: Any, path: str = "") -> T:
-    """Builds dataclass `cls` from a mapping, recursively; keys left out keep their defaults.
-
-    Args:
-      cls: a (frozen) dataclass type whose fields may be dataclasses themselves.
-      d: a mapping of field name to value, with nested mappings for nested dataclasses.
-      path: the dotted key of `d` inside the whole config ("" at the top), for error messages.
-    Returns:
-      The validated `cls` instance.
-    Raises:
-      JaxrlError: an unknown key (with a close-match suggestion), a value of the wrong type, or a
-        value out of range; the message names the dotted key.
-    """
-    if isinstance(d, cls):
-        return d
-    if not isinstance(d, Mapping):
-        where = f"config key '{path}'" if path else "the config"
-        raise JaxrlError(f"{where} expects a mapping of keys to values, got {d!r}")
-    hints = _hints(cls)
-    kwargs = {}
-    for key, value in d.items():
-        if key not in hints:
-            raise _unknown_key(cls, key, path)
-        kwargs[key] = _convert(value, hints[key], _join(path, key))
-    try:
-        return cls(**kwargs)
-    except ConfigValueError as e:
-        raise JaxrlError(f"{_join(path, e.field)} {e.message}") from None
-    except (JaxrlError, ValueError) as e:  # sections defined in other modules (jaxrl.optim)
-        raise JaxrlError(_qualify(str(e), path)) from None
-
-
-def _qualify(message: str, path: str) -> str:
-    """Gives a message from a section defined elsewhere its full dotted key (path 'precision.loss_scale':
-    'loss_scale.hysteresis must ...' -> 'precision.loss_scale.hysteresis must ...')."""
-    parent, _, last = path.rpartition(".")
-    if message.startswith(f"{last}."):
-        return _join(parent, message)
-    return message if not path or path in message else f"{path}: {message}"
-
-
-def to_dict(cfg: Any) -> Any:
-    """`cfg` as plain YAML-ready data: sections become dicts and tuples become lists."""
-    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, (tuple, list)):
-        return [to_dict(v) for v in cfg]
-    return cfg
-
-
-def _accepts(tp: Any, kind: type) -> bool:
-    """Whether annotation `tp` admits values of `kind` (str or NoneType) as themselves."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in _UNION_TYPES:
-        return any(_accepts(a, kind) for a in args)
-    if origin is Literal:
-        return all(isinstance(a, kind) for a in args)
-    return tp is kind
-
-
-def _parse_override_value(text: str, tp: Any, key: str) -> Any:
-    text = text.strip()
-    if not text:
-        return ""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise JaxrlError(f"override for '{key}': {text!r} is not a YAML value ({e})") from None
-    if value is None and _accepts(tp, type(None)):
-        return None
-    # For text fields keep what was typed: `data.split=10` or `output=2024-01-01` stay strings.
-    if not isinstance(value, (str, list, dict)) and _accepts(tp, str):
-        return text
-    return value
-
-
-def _merge_overrides(cls: type, d: dict, overrides: Sequence[str]) -> None:
-    """Writes each dotted `key=value` of `overrides` into the nested mapping `d` (in place)."""
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise JaxrlError(
-                f"malformed override {item!r}: expected KEY=VALUE with a dotted key, e.g. train.steps=10"
-            )
-        section, node, path = cls, d, ""
-        parts = key.split(".")
-        for i, part in enumerate(parts):
-            hints = _hints(section)
-            if part not in hints:
-                raise _unknown_key(section, part, path)
-            path, tp = _join(path, part), hints[part]
-            if i == len(parts) - 1:
-                node[part] = _parse_override_value(text, tp, key)
-            elif not dataclasses.is_dataclass(tp):
-                raise JaxrlError(f"override '{key}': '{path}' is a value, not a section with keys")
-            else:
-                child = node.get(part)
-                if not isinstance(child, dict):
-                    child = node[part] = {} if child is None else to_dict(child)
-                    if not isinstance(child, dict):
-                        raise JaxrlError(f"config key '{path}' expects a mapping, got {child!r}")
-                section, node = tp, child
-
-
-def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
-    """Returns `cfg` with dotted `key=value` overrides applied, e.g. ["train.steps=10", "mesh.data=-1"].
-
-    Values are parsed as YAML scalars (or flow lists such as `[a.jsonl, b.jsonl]`) and type-checked
-    like the YAML file. All overrides are applied before validation, so `optim.grad_accum=3
-    train.batch_size=12` works whatever order they come in.
-    """
-    if not overrides:
-        return cfg
-    d = to_dict(cfg)
-    _merge_overrides(type(cfg), d, overrides)
-    return from_dict(type(cfg), d)
-
-
-def _read_yaml(path: str | os.PathLike) -> dict:
-    if not os.path.isfile(path):
-        raise JaxrlError(f"config file '{path}' not found")
-    data = read_yaml(path, what="config file", fix="repair it or give another --config", expect=None)
-    if data is None:  # an empty file (or only comments) changes nothing
-        return {}
-    if not isinstance(data, dict):
-        raise JaxrlError(
-            f"config file '{path}' must hold a mapping of config keys (e.g. 'train: {{steps: 10}}'), "
-            f"got a {type(data).__name__}"
-        )
-    return data
+__all__ = ["RunConfig", "load_config", "apply_overrides", "save_yaml", "from_dict", "to_dict", "config_keys"]
 
 
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> RunConfig:
@@ -270,43 +35,20 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     Raises:
       JaxrlError: a missing or unreadable file, YAML that is not a mapping, or any bad key or value.
     """
-    raw = {} if path is None else _read_yaml(path)
-    _merge_overrides(RunConfig, raw, overrides)
-    try:
-        return from_dict(RunConfig, raw)
-    except JaxrlError as e:
-        if path is None:
-            raise
-        source = f"{path} and the command-line overrides" if overrides else str(path)
-        raise JaxrlError(f"{e} (from {source})") from None
+    return load(RunConfig, path, overrides)
 
 
-def save_yaml(cfg: Any, path: str | os.PathLike) -> None:
-    """Writes `cfg` as YAML that `load_config` reads back equal; atomic (temporary file + rename)."""
-    with atomic_write(path) as f:
-        f.write("# The resolved config of this run; `--config` this file to run it again.\n")
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False, default_flow_style=False)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The schema. Defaults are the tiny CPU run; configs/*.yaml override them.
-# ---------------------------------------------------------------------------------------------------
+# Defaults are the tiny CPU run; configs/*.yaml override them.
 
 Dtype = Literal["fp32", "bf16", "fp16"]
-_section = dataclasses.dataclass(frozen=True, kw_only=True)
+SCHEDULES = ("constant", "linear", "cosine")  # optim.schedule: the learning-rate decay after warmup
 
 
-def _sub(cls: type) -> Any:
-    return dataclasses.field(default_factory=cls)
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _check_positive(obj: Any, *names: str, minimum: int = 1) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        _check(value >= minimum, name, f"must be >= {minimum}, got {value}")
-
-
-def _check_mesh(obj: Any) -> None:
+def _check_mesh(obj: object) -> None:
     names = [f.name for f in dataclasses.fields(obj)]
     for name in names:
         size = getattr(obj, name)
@@ -443,6 +185,86 @@ class GenMeshSection:
 
     def __post_init__(self):
         _check_mesh(self)
+
+
+@_section
+class OptimConfig:
+    """AdamW and its schedule (config key `optim`; `jaxrl.optim.make_optimizer` builds it)."""
+
+    # Peak learning rate, reached at the end of warmup.
+    lr: float = 1e-4
+    # Decoupled (AdamW) decay, applied to rank >= 2 weights only.
+    weight_decay: float = 0.0
+    # Adam first-moment decay.
+    b1: float = 0.9
+    # Adam second-moment decay.
+    b2: float = 0.95
+    # Adam denominator epsilon.
+    eps: float = 1e-8
+    # Decay after warmup: constant | linear | cosine.
+    schedule: str = "cosine"
+    # Optimizer steps of linear warmup from 0 to lr.
+    warmup_steps: int = 0
+    # The decay ends at min_lr_ratio * lr.
+    min_lr_ratio: float = 0.0
+    # Clip gradients to this global L2 norm; 0 turns clipping off.
+    clip_norm: float = 1.0
+    # Micro-batches per optimizer step (optax.MultiSteps).
+    grad_accum: int = 1
+
+    def __post_init__(self):
+        check = functools.partial(_check, section="optim")  # built directly, its errors say 'optim.<field>'
+        check(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(0 <= self.b1 < 1, "b1", f"must be in [0, 1), got {self.b1}")
+        check(0 <= self.b2 < 1, "b2", f"must be in [0, 1), got {self.b2}")
+        check(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        check(self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
+        check(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps",
+              f"must be an integer >= 0, got {self.warmup_steps!r}")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        check(self.clip_norm >= 0, "clip_norm", f"must be >= 0 (0 = off), got {self.clip_norm}")
+        check(_is_int(self.grad_accum) and self.grad_accum >= 1, "grad_accum",
+              f"must be >= 1, got {self.grad_accum!r}")
+
+
+@_section
+class LossScaleConfig:
+    """fp16 loss scaling with DeepSpeed's `fp16` fields (config key `precision.loss_scale`).
+
+    The defaults are DeepSpeed's for an `fp16` section that leaves a field out, bare `{"enabled": true}`
+    included: the fields of `DeepSpeedFP16Config` (deepspeed/runtime/precision_config.py, equal to the
+    `FP16_*_DEFAULT` constants in deepspeed/runtime/constants.py), which DeepSpeed 0.17.1 on hands to the
+    scaler in every case. (Up to 0.17.0 a section naming none of the dynamic-scaling fields left
+    `DynamicLossScaler` its own constructor defaults instead: 2**32, hysteresis 1.)
+    """
+
+    # Scale the loss (turned on by fp16 compute).
+    enabled: bool = False
+    # Dynamic scaling starts at 2**initial_scale_power.
+    initial_scale_power: int = 16
+    # Finite steps between scale doublings (the first on the window + 1-th).
+    loss_scale_window: int = 1000
+    # Overflows tolerated before the scale halves.
+    hysteresis: int = 2
+    # The scale never halves below this.
+    min_loss_scale: float = 1.0
+    # > 0: a fixed scale (DeepSpeed loss_scale); 0: dynamic.
+    static_scale: float = 0.0
+    # Refill hysteresis on every finite step, not only on growth.
+    consecutive_hysteresis: bool = False
+
+    def __post_init__(self):
+        check = functools.partial(_check, section="loss_scale")  # built directly: 'loss_scale.<field>'
+        check(_is_int(self.initial_scale_power) and 0 <= self.initial_scale_power <= 126, "initial_scale_power",
+              f"must be an integer in [0, 126], got {self.initial_scale_power!r}")
+        check(_is_int(self.loss_scale_window) and self.loss_scale_window >= 1, "loss_scale_window",
+              f"must be an integer >= 1, got {self.loss_scale_window!r}")
+        check(_is_int(self.hysteresis) and self.hysteresis >= 1, "hysteresis",
+              f"must be an integer >= 1, got {self.hysteresis!r}")
+        check(self.min_loss_scale > 0, "min_loss_scale", f"must be > 0, got {self.min_loss_scale}")
+        check(math.isfinite(self.static_scale) and self.static_scale >= 0, "static_scale",
+              f"must be >= 0 (0 = dynamic), got {self.static_scale}")
 
 
 @_section

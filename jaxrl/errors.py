@@ -7,15 +7,17 @@ class JaxrlError(Exception):
 
 
 class ConfigValueError(JaxrlError):
-    """A field value out of range. `from_dict` prefixes `field` with its section's dotted path."""
+    """A field value out of range. `field` is its key within its section, which `from_dict` joins to the
+    section's dotted path; `section` names the section for a section built directly (its own config key,
+    e.g. 'optim'), and is replaced by that path when `from_dict` builds it."""
 
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field} {message}")
+    def __init__(self, field: str, message: str, section: str = ""):
+        super().__init__(f"{section}.{field} {message}" if section else f"{field} {message}")
         self.field = field
         self.message = message
 
 
-def check_field(ok: bool, field: str, message: str) -> None:
-    """Raises ConfigValueError unless `ok`; the message reads as '<field> <message>'."""
+def check_field(ok: bool, field: str, message: str, section: str = "") -> None:
+    """Raises ConfigValueError unless `ok`; the message reads as '[<section>.]<field> <message>'."""
     if not ok:
-        raise ConfigValueError(field, message)
+        raise ConfigValueError(field, message, section)

@@ -12,7 +12,6 @@ generation copy); rows may be sharded too (`batch_sharding`).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import math
@@ -28,11 +27,6 @@ from jaxrl.models.config import ModelConfig
 
 MIN_PROMPT_BUCKET = 16  # shortest prompt bucket; longer ones are powers of two
 MAX_POW2_ROWS = 64  # batch buckets: powers of two up to this, then multiples of it
-
-# How many times each jitted function has been traced, i.e. compiled for a new (shape, config) key.
-# Tests read it to prove that batches of one bucket share one compilation.
-trace_counts: collections.Counter = collections.Counter()
-
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
@@ -164,7 +158,6 @@ def prefill(graphdef, params, prompt_ids, prompt_mask, rng, *, cfg: SamplerConfi
     Returns:
       The SamplerState after one generated token (step 1).
     """
-    trace_counts["prefill"] += 1
     model = nnx.merge(graphdef, params)
     b, tp = prompt_ids.shape
     n = cfg.max_new_tokens
@@ -223,7 +216,6 @@ def _decode_one(model, s: SamplerState, cfg: SamplerConfig, batch_sharding) -> S
 def decode(graphdef, params, state: SamplerState, *, cfg: SamplerConfig, batch_sharding=None) -> SamplerState:
     """Feeds one token per step until every row is done or N tokens are out; returns the final state
     (same arguments as `prefill`; `state` is donated and must not be used afterwards)."""
-    trace_counts["decode"] += 1
     model = nnx.merge(graphdef, params)
 
     def running(s: SamplerState):
@@ -238,7 +230,6 @@ def decode(graphdef, params, state: SamplerState, *, cfg: SamplerConfig, batch_s
 def decode_step(graphdef, params, state: SamplerState, *, cfg: SamplerConfig,
                 batch_sharding=None) -> SamplerState:
     """Exactly one decode step of `decode` (same arguments); returns the state with one more token."""
-    trace_counts["decode_step"] += 1
     return _decode_one(nnx.merge(graphdef, params), state, cfg, batch_sharding)
 
 

@@ -3,10 +3,10 @@ loss scaling (fp16) or non-finite skipping, then gradient accumulation (``optax.
 
 Order matters: the loss-scale wrapper sits outside clipping so the clip sees *unscaled* gradients,
 and MultiSteps sits outside everything so one optimizer step (and one scale update) happens per
-``grad_accum`` micro-batches, on their mean.
+``grad_accum`` micro-batches, on their mean. Its configs, `OptimConfig` and `LossScaleConfig`, are
+sections of the run's schema (`jaxrl.config`).
 """
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,10 +14,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxrl.config import LossScaleConfig, OptimConfig
 from jaxrl.errors import JaxrlError
 from jaxrl.precision import loss_scaled, skip_nonfinite
-
-SCHEDULES = ("constant", "linear", "cosine")
 
 
 def _require(ok: bool, msg: str) -> None:
@@ -27,83 +26,6 @@ def _require(ok: bool, msg: str) -> None:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """AdamW and its schedule (config key ``optim``)."""
-
-    lr: float = 1e-4  # peak learning rate, reached at the end of warmup
-    weight_decay: float = 0.0  # decoupled (AdamW) decay, applied to rank >= 2 weights only
-    b1: float = 0.9  # Adam first-moment decay
-    b2: float = 0.95  # Adam second-moment decay
-    eps: float = 1e-8  # Adam denominator epsilon
-    schedule: str = "cosine"  # decay after warmup: constant | linear | cosine
-    warmup_steps: int = 0  # optimizer steps of linear warmup from 0 to lr
-    min_lr_ratio: float = 0.0  # the decay ends at min_lr_ratio * lr
-    clip_norm: float = 1.0  # clip gradients to this global L2 norm; 0 turns clipping off
-    grad_accum: int = 1  # micro-batches per optimizer step (optax.MultiSteps)
-
-    def __post_init__(self):
-        _require(math.isfinite(self.lr) and self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
-        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        _require(0 <= self.b1 < 1, f"optim.b1 must be in [0, 1), got {self.b1}")
-        _require(0 <= self.b2 < 1, f"optim.b2 must be in [0, 1), got {self.b2}")
-        _require(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
-        _require(
-            self.schedule in SCHEDULES,
-            f"optim.schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}",
-        )
-        _require(
-            _is_int(self.warmup_steps) and self.warmup_steps >= 0,
-            f"optim.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}",
-        )
-        _require(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _require(self.clip_norm >= 0, f"optim.clip_norm must be >= 0 (0 = off), got {self.clip_norm}")
-        _require(
-            _is_int(self.grad_accum) and self.grad_accum >= 1,
-            f"optim.grad_accum must be >= 1, got {self.grad_accum!r}",
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class LossScaleConfig:
-    """fp16 loss scaling with DeepSpeed's ``fp16`` fields (config key ``loss_scale``).
-
-    The defaults are DeepSpeed's for an ``fp16`` section that leaves a field out, bare
-    ``{"enabled": true}`` included: the fields of ``DeepSpeedFP16Config``
-    (deepspeed/runtime/precision_config.py, equal to the ``FP16_*_DEFAULT`` constants in
-    deepspeed/runtime/constants.py), which DeepSpeed 0.17.1 on hands to the scaler in every case.
-    (Up to 0.17.0 a section naming none of the dynamic-scaling fields left ``DynamicLossScaler`` its
-    own constructor defaults instead: 2**32, hysteresis 1.)
-    """
-
-    enabled: bool = False  # scale the loss (turned on by fp16 compute)
-    initial_scale_power: int = 16  # dynamic scaling starts at 2**initial_scale_power
-    loss_scale_window: int = 1000  # finite steps between scale doublings (the first on the window + 1-th)
-    hysteresis: int = 2  # overflows tolerated before the scale halves
-    min_loss_scale: float = 1.0  # the scale never halves below this
-    static_scale: float = 0.0  # > 0: a fixed scale (DeepSpeed loss_scale); 0: dynamic
-    consecutive_hysteresis: bool = False  # refill hysteresis on every finite step, not only on growth
-
-    def __post_init__(self):
-        _require(
-            _is_int(self.initial_scale_power) and 0 <= self.initial_scale_power <= 126,
-            f"loss_scale.initial_scale_power must be an integer in [0, 126], got {self.initial_scale_power!r}",
-        )
-        _require(
-            _is_int(self.loss_scale_window) and self.loss_scale_window >= 1,
-            f"loss_scale.loss_scale_window must be an integer >= 1, got {self.loss_scale_window!r}",
-        )
-        _require(
-            _is_int(self.hysteresis) and self.hysteresis >= 1,
-            f"loss_scale.hysteresis must be an integer >= 1, got {self.hysteresis!r}",
-        )
-        _require(self.min_loss_scale > 0, f"loss_scale.min_loss_scale must be > 0, got {self.min_loss_scale}")
-        _require(
-            math.isfinite(self.static_scale) and self.static_scale >= 0,
-            f"loss_scale.static_scale must be >= 0 (0 = dynamic), got {self.static_scale}",
-        )
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:

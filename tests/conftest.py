@@ -1,5 +1,14 @@
-"""Test set-up: 8 simulated CPU devices, forced before jax is imported anywhere."""
+"""Test set-up: 8 simulated CPU devices, forced before jax is imported anywhere; the jaxrl under test is
+this checkout's, whatever the working directory."""
 import os
+import pathlib
+import sys
+
+# Run from another directory (`cd /tmp && python -m pytest /path/to/jaxrl/tests`), an installed jaxrl
+# (an editable install of another checkout) would otherwise be imported; subprocesses inherit the path.
+REPO = str(pathlib.Path(__file__).resolve().parents[1])
+sys.path.insert(0, REPO)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from compiles import compiles
 import jaxrl
 from jaxrl.deepspeed import config as dsc
 from jaxrl.config import RunConfig, apply_overrides
@@ -77,27 +78,22 @@ def per_device_bytes(tree):
 
 # ------------------------------------------------------------------------------------------ the engine
 def test_document_config_trains_linear_regression_with_fp16_and_accumulation():
-    traces = []
-
-    def loss_fn(model, batch):
-        traces.append(1)  # runs once per compilation
-        return mse(model, batch)
-
     engine = jaxrl.initialize(model=nnx.Linear(1, 1, rngs=nnx.Rngs(0)), optimizer=optax.adam(0.05),
                               config=DOC_CONFIG)
     assert (engine.micro_batch_size, engine.gradient_accumulation_steps, engine.config.dp_size) == (8, 4, 8)
     x, y = regression_data()
     history = []
-    for _ in range(4):
-        for batch in micro_batches(x, y, engine.micro_batch_size):
-            before = np.asarray(engine.model.kernel[...]).copy()
-            m = engine.step(loss_fn, batch)
-            changed = not np.array_equal(before, np.asarray(engine.model.kernel[...]))
-            history.append((bool(m["applied"]), changed, float(m["loss"]), float(m["loss_scale"]),
-                            int(m["skipped_steps"])))
+    with compiles() as counts:
+        for _ in range(4):
+            for batch in micro_batches(x, y, engine.micro_batch_size):
+                before = np.asarray(engine.model.kernel[...]).copy()
+                m = engine.step(mse, batch)
+                changed = not np.array_equal(before, np.asarray(engine.model.kernel[...]))
+                history.append((bool(m["applied"]), changed, float(m["loss"]), float(m["loss_scale"]),
+                                int(m["skipped_steps"])))
     applied, changed, losses, scales, skipped = map(list, zip(*history))
 
-    assert len(traces) == 1  # one jitted step for this loss_fn, reused on every call
+    assert counts["step"] == 1  # one jitted step for this loss_fn, reused on every call
     assert applied == changed  # `applied` says exactly when the parameters moved
     assert not any(applied[i] for i in range(len(applied)) if (i + 1) % 4)  # only every 4th call
     assert all(applied[i] for i in range(len(applied) // 2, len(applied)) if (i + 1) % 4 == 0)

@@ -15,7 +15,7 @@ becomes::
         metrics = engine.step(loss_fn, batch)   # forward, backward, accumulate, update when due: one jitted call
 
 `loss_fn(model, batch)` returns a scalar loss or `(loss, aux)`; the scalars of the dict `aux` come back
-as metrics. The step is `jaxrl.train.step.Trainer`'s: gradients in a `shard_map` over the data axes
+as metrics. The step is `jaxrl.train.step.train_step`'s: gradients in a `shard_map` over the data axes
 with the ZeRO stage's collectives, `optax.MultiSteps` for accumulation, DeepSpeed's fp16 loss scaler.
 The ZeRO layout comes from `generic_zero_layout`: at stage 3 every parameter is split over the
 data-parallel devices on its largest dimension they divide.
@@ -48,11 +48,11 @@ from flax import nnx
 from jaxrl.deepspeed import config as deepspeed_config
 from jaxrl.deepspeed.config import DeepSpeedConfig
 from jaxrl.errors import JaxrlError
-from jaxrl.parallel.mesh import make_mesh
+from jaxrl.parallel.mesh import make_mesh, settle
 from jaxrl.parallel.sharding import DATA_AXES, data_parallel_size, generic_zero_layout
 from jaxrl.precision import dtype_of, skipped_steps_of
 from jaxrl.train.checkpoint import Checkpointer
-from jaxrl.train.step import Trainer, TrainState
+from jaxrl.train.step import StateLayout, TrainState, train_step
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _cast_model(model: nnx.Module, dtype) -> nnx.Module:
 
 
 def trainer_loss(loss_fn: UserLossFn, compute_dtype=None):
-    """`loss_fn` in the `(model, batch) -> (loss, metrics)` form `Trainer` takes.
+    """`loss_fn` in the `(model, batch) -> (loss, metrics)` form `train_step` takes.
 
     Casts model and batch to `compute_dtype` (None: no cast), takes the loss to fp32, keeps the scalar
     entries of `aux` as metrics, and weights every device equally (`weight` 1, overridable from `aux`):
@@ -104,10 +104,6 @@ def trainer_loss(loss_fn: UserLossFn, compute_dtype=None):
     return wrapped
 
 
-def _no_loss(model, batch):
-    raise AssertionError("the engine's base trainer only holds state; engine.step builds one per loss_fn")
-
-
 class Engine:
     """A model, its optimizer and sharded state on a mesh, trained one micro-batch per `step` call.
 
@@ -123,11 +119,11 @@ class Engine:
         self.optimizer = optimizer
         self.layout = generic_zero_layout(nnx.state(model), mesh, config.zero_stage)
         self.compute_dtype = None if config.compute == "fp32" else dtype_of(config.compute)
-        # A trainer with no loss holds the graph, shardings and initial state; `step` adds one per loss_fn.
-        self._base = Trainer(model, optimizer, _no_loss, mesh=mesh, layout=self.layout)
+        # Where the state lives, for every loss: `step` adds one jitted step per loss_fn on this layout.
+        self._states = StateLayout(model, optimizer, mesh=mesh, layout=self.layout)
         with jax.set_mesh(mesh):
-            self.state: TrainState = self._base.init_state()
-        self._trainers: dict[Callable, Trainer] = {}
+            self.state: TrainState = self._states.init_state(model)
+        self._steps: dict[Callable, Callable] = {}
         self.micro_steps = 0
         self._skipped = jnp.copy(skipped_steps_of(self.state.opt_state))  # the state is donated
 
@@ -135,7 +131,7 @@ class Engine:
     @property
     def model(self) -> nnx.Module:
         """The NNX module holding the current parameters (shares their buffers; stale after the next step)."""
-        return self._base.model(self.state)
+        return self._states.model(self.state)
 
     @property
     def global_steps(self) -> int:
@@ -174,9 +170,9 @@ class Engine:
           `applied` (bool: the parameters changed on this call), and the scalars of `aux`.
         """
         self._check_batch(batch)
-        trainer = self._trainer_for(loss_fn)
+        step = self._step_for(loss_fn)
         with jax.set_mesh(self.mesh):
-            self.state, metrics = trainer.step(self.state, batch)
+            self.state, metrics = settle(step(self.state, batch))
         self.micro_steps += 1
         metrics = dict(metrics)
         metrics.pop("weight", None)
@@ -190,17 +186,15 @@ class Engine:
                      float(metrics["loss_scale"]), int(skipped))
         return metrics
 
-    def _trainer_for(self, loss_fn: UserLossFn) -> Trainer:
-        trainer = self._trainers.get(loss_fn)
-        if trainer is None:
-            if len(self._trainers) == _MANY_LOSS_FNS:
+    def _step_for(self, loss_fn: UserLossFn) -> Callable:
+        step = self._steps.get(loss_fn)
+        if step is None:
+            if len(self._steps) == _MANY_LOSS_FNS:
                 warnings.warn(f"engine.step has seen {_MANY_LOSS_FNS + 1} different loss functions and compiled a "
                               f"step for each; pass the same function object to reuse its step", stacklevel=3)
-            # Built from the current model: its buffers are the state's, so nothing is copied or kept alive.
-            trainer = Trainer(self.model, self.optimizer, trainer_loss(loss_fn, self.compute_dtype),
-                              mesh=self.mesh, layout=self.layout)
-            self._trainers[loss_fn] = trainer
-        return trainer
+            step = train_step(self._states, trainer_loss(loss_fn, self.compute_dtype))
+            self._steps[loss_fn] = step
+        return step
 
     def _check_batch(self, batch) -> None:
         rows = {getattr(x, "shape", (None,))[0] if getattr(x, "ndim", 0) else None for x in jax.tree.leaves(batch)}

@@ -13,10 +13,17 @@ The optimizer update then runs under GSPMD with the optimizer state partitioned 
 
 The loss is averaged exactly as on one device: each loss function reports the denominator it averaged
 over as `metrics["weight"]` (default: its rows), and the step weights every device by it.
+
+Two parts: a `StateLayout` (the graph, where every piece of the TrainState lives, the state made from a
+model) knows no loss; `train_step(states, loss_fn)` is the pure jitted step of one loss on it, and any
+number of them share one state (`jaxrl.initialize`'s engine builds one per loss function). `Trainer` is
+a StateLayout with one loss's step, what a role trains with. Neither reads the ZeRO stage: the layout's
+spec trees say which parameters are partitioned (gathered before use) and which gradients scattered.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -59,22 +66,23 @@ def _pick(spec_tree: dict, like: dict) -> dict:
     return jax.tree_util.tree_map_with_path(lookup, like)
 
 
-class Trainer:
-    """A model's static parts and shardings, and the jitted step that trains it.
+class StateLayout:
+    """Where a model's TrainState lives, and how one is made; no loss, and no parameters held.
+
+    Stage-agnostic: the ZeRO stage is already in `layout`'s spec trees; this only places state on them.
+    One StateLayout serves any number of steps (one per loss, `train_step`) over the same state.
 
     Args:
-      model: the NNX model, built on `mesh` (ideally born sharded by the layout's stage).
+      model: the NNX model (concrete or `nnx.eval_shape`'d); only its graph and shapes are kept.
       optimizer: optax transformation (from `jaxrl.optim.make_optimizer`).
-      loss_fn: `(model, batch) -> (loss, metrics)`.
       mesh: the training mesh; layout: the ZeRO layout (`jaxrl.parallel.sharding.zero_layout`).
       wrt: which variables train (`nnx.Param`, or `nnx.LoRAParam` to train only LoRA).
     """
 
-    def __init__(self, model: nnx.Module, optimizer: optax.GradientTransformation, loss_fn: LossFn, *,
-                 mesh, layout: Layout, wrt=nnx.Param):
-        self.mesh, self.layout, self.optimizer, self.loss_fn = mesh, layout, optimizer, loss_fn
-        self.graphdef, trainable, frozen = nnx.split(model, wrt, ...)
-        params, frozen = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
+    def __init__(self, model: nnx.Module, optimizer: optax.GradientTransformation, *, mesh, layout: Layout,
+                 wrt=nnx.Param):
+        self.mesh, self.layout, self.optimizer, self.wrt = mesh, layout, optimizer, wrt
+        self.graphdef, params, frozen = self._split(model)
         self.specs = {
             "param": _pick(layout.param, params),
             "frozen": _pick(layout.param, frozen),
@@ -93,6 +101,10 @@ class Trainer:
             step=NamedSharding(mesh, P()),
         )
         self.batch_sharding = NamedSharding(mesh, P(DATA_AXES))
+        shapes = TrainState(params=params, frozen=frozen, opt_state=abstract_opt,
+                            step=jax.ShapeDtypeStruct((), jnp.int32))
+        self._abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                                      self.state_shardings)
         # Each Transformer's stacked layers: its path, and one layer's parameter specs (layer axis dropped).
         self.layer_specs = {}
         for path, module in nnx.iter_graph(model):
@@ -101,17 +113,20 @@ class Trainer:
                 for key in (*path, "layers"):
                     node = node[key]
                 self.layer_specs[tuple(path)] = jax.tree.map(layer_spec, node, is_leaf=_is_spec)
-        self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
-                             out_shardings=(self.state_shardings, None), donate_argnums=0)
-        self._eval = jax.jit(self._eval_step, in_shardings=(self.state_shardings.params,
-                                                            self.state_shardings.frozen, self.batch_sharding))
-        self._init_params = (params, frozen)
 
-    # ------------------------------------------------------------------------------------------ state
-    def init_state(self) -> TrainState:
-        """The initial TrainState, placed on the layout (parameters born sharded are not copied)."""
-        params, frozen = self._init_params
-        del self._init_params  # the state owns the parameters from now on
+    def _split(self, model):
+        graphdef, trainable, frozen = nnx.split(model, self.wrt, ...)
+        return graphdef, nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
+
+    def init_state(self, model: nnx.Module) -> TrainState:
+        """A TrainState holding `model`'s parameters, placed on the layout, with a fresh optimizer state.
+
+        A model born in the layout is not copied: the state shares its buffers (and the first step, which
+        donates the state, consumes them). Callable again, on any model of the same graph.
+        """
+        graphdef, params, frozen = self._split(model)
+        if graphdef != self.graphdef:
+            raise ValueError("init_state got a model of another graph than the one this StateLayout was built for")
         params = jax.device_put(params, self.state_shardings.params)
         frozen = jax.device_put(frozen, self.state_shardings.frozen)
         opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_shardings.opt_state)(params)
@@ -120,17 +135,73 @@ class Trainer:
 
     def abstract_state(self) -> TrainState:
         """The TrainState as `jax.ShapeDtypeStruct`s carrying their shardings, for ahead-of-time lowering
-        (`self.lower(self.abstract_state(), batch)`); allocates nothing, so it also works on a model built
-        with `nnx.eval_shape` (as `jaxrl plan` does). Call it before `init_state`."""
-        params, frozen = self._init_params
-        shapes = TrainState(params=params, frozen=frozen, opt_state=jax.eval_shape(self.optimizer.init, params),
-                            step=jax.ShapeDtypeStruct((), jnp.int32))
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
-                            self.state_shardings)
+        (`step.lower(self.abstract_state(), batch)`); allocates nothing, so it also serves a model built
+        with `nnx.eval_shape` (as `jaxrl plan` does)."""
+        return self._abstract
 
     def model(self, state: TrainState) -> nnx.Module:
         """The NNX model holding `state`'s parameters (shared buffers, no copy)."""
         return nnx.merge(self.graphdef, state.params, state.frozen)
+
+
+def train_step(states: StateLayout, loss_fn: LossFn):
+    """The pure jitted step `(state, batch) -> (state, metrics)` of `loss_fn` on `states`' layout.
+
+    One micro-batch: gradients, and an optimizer update on every `grad_accum`-th call (optax.MultiSteps).
+    The state is donated; its shardings in and out are `states.state_shardings`, the batch's rows are split
+    over the data axes.
+    """
+    grads_fn = jax.shard_map(
+        functools.partial(_local_grads, states, loss_fn), mesh=states.mesh,
+        in_specs=(_manual(states.specs["param"]), _manual(states.specs["frozen"]), P(DATA_AXES), P()),
+        out_specs=(_manual(states.specs["grad"]), P()),
+        axis_names=set(DATA_AXES), check_vma=False,
+    )
+
+    def step(state: TrainState, batch: dict):
+        scale = loss_scale_of(state.opt_state)
+        grads, metrics = grads_fn(state.params, state.frozen, batch, scale)
+        # Under accumulation, the norm of the window's gradient so far: at the window's last micro-batch,
+        # that of the gradient the optimizer applies, what one step on the whole window would log.
+        grad_norm = optax.tree.norm(window_grads(state.opt_state, grads)) / scale
+        updates, opt_state = states.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, grad_norm=grad_norm,
+                       loss_scale=loss_scale_of(opt_state), skipped_steps=skipped_steps_of(opt_state))
+        return TrainState(params=params, frozen=state.frozen, opt_state=opt_state, step=state.step + 1), metrics
+
+    return jax.jit(step, in_shardings=(states.state_shardings, states.batch_sharding),
+                   out_shardings=(states.state_shardings, None), donate_argnums=0)
+
+
+def eval_step(states: StateLayout, loss_fn: LossFn):
+    """The jitted `(params, frozen, batch) -> metrics` of `loss_fn`, no update (GSPMD over the whole batch)."""
+
+    def evaluate(params, frozen, batch):
+        model = shard_activations(nnx.merge(states.graphdef, params, frozen), P(DATA_AXES))
+        loss, metrics = loss_fn(model, batch)
+        return dict(metrics, loss=loss)
+
+    shardings = states.state_shardings
+    return jax.jit(evaluate, in_shardings=(shardings.params, shardings.frozen, states.batch_sharding))
+
+
+class Trainer(StateLayout):
+    """A StateLayout with one loss's jitted step: the model it was built from, and how to train it.
+
+    Args: as `StateLayout`, plus loss_fn: `(model, batch) -> (loss, metrics)`.
+    """
+
+    def __init__(self, model: nnx.Module, optimizer: optax.GradientTransformation, loss_fn: LossFn, *,
+                 mesh, layout: Layout, wrt=nnx.Param):
+        super().__init__(model, optimizer, mesh=mesh, layout=layout, wrt=wrt)
+        self.loss_fn, self._model = loss_fn, model
+        self._step = train_step(self, loss_fn)
+        self._eval = eval_step(self, loss_fn)
+
+    def init_state(self, model: nnx.Module | None = None) -> TrainState:
+        """`StateLayout.init_state` of `model`, by default the model this Trainer was built from."""
+        return super().init_state(self._model if model is None else model)
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One micro-batch: gradients, and an optimizer update on every `grad_accum`-th call."""
@@ -140,87 +211,74 @@ class Trainer:
         """The loss function's metrics on a batch, no update (GSPMD over the whole batch)."""
         return self._eval(state.params, state.frozen, batch)
 
-    def _eval_step(self, params, frozen, batch):
-        model = shard_activations(nnx.merge(self.graphdef, params, frozen), P(DATA_AXES))
-        loss, metrics = self.loss_fn(model, batch)
-        return dict(metrics, loss=loss)
-
     def lower(self, state, batch):
         return self._step.lower(state, batch)
 
-    # ------------------------------------------------------------------------------------------- step
-    def _train_step(self, state: TrainState, batch: dict):
-        scale = loss_scale_of(state.opt_state)
-        manual = lambda tree: jax.tree.map(manual_spec, tree, is_leaf=_is_spec)  # noqa: E731
-        grads_fn = jax.shard_map(
-            self._local_grads, mesh=self.mesh,
-            in_specs=(manual(self.specs["param"]), manual(self.specs["frozen"]), P(DATA_AXES), P()),
-            out_specs=(manual(self.specs["grad"]), P()),
-            axis_names=set(DATA_AXES), check_vma=False,
-        )
-        grads, metrics = grads_fn(state.params, state.frozen, batch, scale)
-        # Under accumulation, the norm of the window's gradient so far: at the window's last micro-batch,
-        # that of the gradient the optimizer applies, what one step on the whole window would log.
-        grad_norm = optax.tree.norm(window_grads(state.opt_state, grads)) / scale
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=grad_norm,
-                       loss_scale=loss_scale_of(opt_state), skipped_steps=skipped_steps_of(opt_state))
-        return TrainState(params=params, frozen=state.frozen, opt_state=opt_state, step=state.step + 1), metrics
 
-    def _local_grads(self, params, frozen, batch, scale):
-        """Per-device gradients of the scaled loss, reduced over the data axes as the stage says."""
-        rows = jax.tree.leaves(batch)[0].shape[0]
+# ---------------------------------------------------------------------------------------------- gradients
+def _manual(tree):
+    return jax.tree.map(manual_spec, tree, is_leaf=_is_spec)
 
-        def objective(p):
-            model = nnx.merge(self.graphdef, self._gather(p, self.specs["param"]),
-                              self._gather(frozen, self.specs["frozen"]))
-            set_layer_gather(model, self._layer_gather)
-            loss, metrics = self.loss_fn(model, batch)
-            weight = jax.lax.stop_gradient(jnp.asarray(metrics.get("weight", rows), jnp.float32))
-            return loss * weight * scale, (loss, metrics, weight)
 
-        grads, (loss, metrics, weight) = jax.grad(objective, has_aux=True)(params)
-        total = jax.lax.psum(weight, DATA_AXES)
-        grads = jax.tree.map(self._reduce, grads, self.specs["param"], self.specs["grad"], is_leaf=_is_spec)
-        grads = jax.tree.map(lambda g: g / total, grads)
-        out = {k: jax.lax.psum(v * weight, DATA_AXES) / total for k, v in metrics.items() if k != "weight"}
-        out["loss"] = jax.lax.psum(loss * weight, DATA_AXES) / total
-        out["weight"] = total
-        return grads, out
+def _local_grads(states: StateLayout, loss_fn: LossFn, params, frozen, batch, scale):
+    """Per-device gradients of the scaled loss, reduced over the data axes as the layout says."""
+    rows = jax.tree.leaves(batch)[0].shape[0]
+    specs = states.specs
 
-    def _gather(self, tree, specs, *, layers=False):
-        """ZeRO-3: a device's parameter shards -> whole parameters (all-gather over the data axes).
+    def objective(p):
+        model = nnx.merge(states.graphdef, _gather(states, p, specs["param"]),
+                          _gather(states, frozen, specs["frozen"]))
+        set_layer_gather(model, functools.partial(_layer_gather, states))
+        loss, metrics = loss_fn(model, batch)
+        weight = jax.lax.stop_gradient(jnp.asarray(metrics.get("weight", rows), jnp.float32))
+        return loss * weight * scale, (loss, metrics, weight)
 
-        The stacked layers of a Transformer are left sharded (its scan gathers them one layer at a time,
-        see `_layer_gather`) unless `layers`, which gathers every leaf of `tree`.
-        """
-        if self.layout.stage < 3:
-            return tree
+    grads, (loss, metrics, weight) = jax.grad(objective, has_aux=True)(params)
+    total = jax.lax.psum(weight, DATA_AXES)
+    grads = jax.tree.map(_reduce, grads, specs["param"], specs["grad"], is_leaf=_is_spec)
+    grads = jax.tree.map(lambda g: g / total, grads)
+    out = {k: jax.lax.psum(v * weight, DATA_AXES) / total for k, v in metrics.items() if k != "weight"}
+    out["loss"] = jax.lax.psum(loss * weight, DATA_AXES) / total
+    out["weight"] = total
+    return grads, out
 
-        def gather(path, x, spec):
-            d = zero_dim(spec)
-            if d is None or (not layers and self._in_layers(path)):
-                return x
-            return jax.lax.all_gather(x, DATA_AXES, axis=d, tiled=True)
 
-        return jax.tree_util.tree_map_with_path(gather, tree, specs, is_leaf=_is_spec)
+def _gather(states: StateLayout, tree, specs, *, layers=False):
+    """A device's parameter shards -> whole parameters: every leaf partitioned over the data axes (ZeRO-3)
+    is all-gathered; the rest (every leaf below stage 3) is already whole.
 
-    def _in_layers(self, path) -> bool:
-        keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
-        return any(keys[:len(t) + 1] == (*t, "layers") for t in self.layer_specs)
+    The stacked layers of a Transformer are left sharded (its scan gathers them one layer at a time,
+    see `_layer_gather`) unless `layers`, which gathers every leaf of `tree`.
+    """
 
-    def _layer_gather(self, path):
-        """The function the Transformer at `path` applies to one layer's parameters in its scan body."""
-        if self.layout.stage < 3:
-            return None
-        specs = self.layer_specs[path]
-        return lambda params: self._gather(params, _pick(specs, params), layers=True)
+    def gather(path, x, spec):
+        d = zero_dim(spec)
+        if d is None or (not layers and _in_layers(states, path)):
+            return x
+        return jax.lax.all_gather(x, DATA_AXES, axis=d, tiled=True)
 
-    def _reduce(self, g, param_spec, grad_spec):
-        if self.layout.stage >= 3 and zero_dim(param_spec) is not None:
-            return g  # the all-gather's transpose already reduce-scattered it
-        d = zero_dim(grad_spec)
-        if d is None:
-            return jax.lax.psum(g, DATA_AXES)
-        return jax.lax.psum_scatter(g, DATA_AXES, scatter_dimension=d, tiled=True)
+    return jax.tree_util.tree_map_with_path(gather, tree, specs, is_leaf=_is_spec)
+
+
+def _in_layers(states: StateLayout, path) -> bool:
+    keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+    return any(keys[:len(t) + 1] == (*t, "layers") for t in states.layer_specs)
+
+
+def _layer_gather(states: StateLayout, path):
+    """The function the Transformer at `path` applies to one layer's parameters in its scan body (None
+    when none of them is partitioned: nothing to gather)."""
+    specs = states.layer_specs[path]
+    if all(zero_dim(s) is None for s in jax.tree.leaves(specs, is_leaf=_is_spec)):
+        return None
+    return lambda params: _gather(states, params, _pick(specs, params), layers=True)
+
+
+def _reduce(g, param_spec, grad_spec):
+    """A gradient summed over the data axes onto its ZeRO partition (all-reduced where it is whole)."""
+    if zero_dim(param_spec) is not None:
+        return g  # the all-gather's transpose already reduce-scattered it
+    d = zero_dim(grad_spec)
+    if d is None:
+        return jax.lax.psum(g, DATA_AXES)
+    return jax.lax.psum_scatter(g, DATA_AXES, scatter_dimension=d, tiled=True)
