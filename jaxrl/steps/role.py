@@ -40,6 +40,7 @@ class ModelSpec:
     param_dtype: str = "fp32"  # storage dtype: fp32 for a model that trains (master copy)
     remat: str = "none"
     logits_chunk: int = 0  # causal LM: positions per LM-head chunk in the losses
+    vocab_chunk: int = 0  # causal LM: vocabulary entries per LM-head chunk in the losses
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q", "v")
@@ -49,9 +50,10 @@ class ModelSpec:
 def spec_from(cfg: RunConfig, path: str | None = None, kind: str = "causal_lm") -> ModelSpec:
     """The run's model settings (precision, remat, LoRA, seed) for the model at `path` (default model.path)."""
     lora = cfg.model.lora
-    return ModelSpec(path=path or cfg.model.path, kind=kind, dtype=cfg.precision.compute, remat=cfg.model.remat,
-                     logits_chunk=cfg.model.logits_chunk, lora_rank=lora.rank, lora_alpha=lora.alpha,
-                     lora_targets=tuple(lora.targets), seed=cfg.seed)
+    m = cfg.model
+    return ModelSpec(path=path or m.path, kind=kind, dtype=cfg.precision.compute, remat=m.remat,
+                     logits_chunk=m.logits_chunk, vocab_chunk=m.vocab_chunk, lora_rank=lora.rank,
+                     lora_alpha=lora.alpha, lora_targets=tuple(lora.targets), seed=cfg.seed)
 
 
 def frozen_spec(cfg: RunConfig, path: str | None = None, kind: str = "causal_lm") -> ModelSpec:
@@ -120,7 +122,7 @@ def born(spec: ModelSpec, arch: model_config.ModelConfig, mesh, stage: int, *, a
         else:
             model = _lora(load_pretrained(spec.path, dtype=dtype, kind=spec.kind, shardings=layout.shardings,
                                           remat=spec.remat, seed=spec.seed, param_dtype=param_dtype,
-                                          logits_chunk=spec.logits_chunk), spec)
+                                          logits_chunk=spec.logits_chunk, vocab_chunk=spec.vocab_chunk), spec)
     return model, layout
 
 
@@ -129,7 +131,7 @@ def new_model(spec: ModelSpec, arch: model_config.ModelConfig, shardings):
     kw = dict(rngs=nnx.Rngs(spec.seed), dtype=dtype_of(spec.dtype), shardings=shardings, remat=spec.remat)
     if spec.kind == "score":
         return ScoreModel(arch, **kw)
-    return Transformer(arch, logits_chunk=spec.logits_chunk, **kw)
+    return Transformer(arch, logits_chunk=spec.logits_chunk, vocab_chunk=spec.vocab_chunk, **kw)
 
 
 def _lora(model, spec: ModelSpec):

@@ -8,7 +8,10 @@ Gradients are computed in a `shard_map` that is manual over the data axes ('data
              The transformer's stacked layers are gathered one layer at a time inside its scan (forward,
              and again in the rematerialised backward), so that layer's gradient is reduce-scattered
              inside the backward scan: a device holds its shards plus about two layers of full
-             parameters, never the whole model nor a full-size gradient tree.
+             parameters, never the whole model nor a full-size gradient tree. The vocabulary tables
+             are not gathered whole either: the embedding looks the tokens up in each device's shard
+             (ids all-gathered, rows all-to-all'd back), and the LM head gathers the vocabulary slice
+             that `vocab_logits` asks for (one chunk at a time under `model.vocab_chunk`).
 The optimizer update then runs under GSPMD with the optimizer state partitioned from stage 1 on.
 
 The loss is averaged exactly as on one device: each loss function reports the denominator it averaged
@@ -26,7 +29,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrl.models.transformer import Transformer, set_layer_gather, shard_activations
+from jaxrl.models.transformer import Gathers, Transformer, set_gathers, shard_activations
 from jaxrl.parallel.mesh import settle
 from jaxrl.optim import window_grads
 from jaxrl.parallel.sharding import DATA_AXES, Layout, layer_spec, manual_spec, zero_dim
@@ -93,14 +96,23 @@ class Trainer:
             step=NamedSharding(mesh, P()),
         )
         self.batch_sharding = NamedSharding(mesh, P(DATA_AXES))
-        # Each Transformer's stacked layers: its path, and one layer's parameter specs (layer axis dropped).
-        self.layer_specs = {}
+        # Each Transformer (by path): one layer's parameter specs (layer axis dropped), and the vocabulary
+        # tables it gathers itself under ZeRO-3: those split on their width E (the dimension a vocabulary
+        # slice keeps whole), by that dimension. `_deferred`: the key prefixes the step leaves sharded.
+        self.layer_specs, self.table_dims, self._deferred = {}, {}, []
         for path, module in nnx.iter_graph(model):
-            if isinstance(module, Transformer):
-                node = layout.param
-                for key in (*path, "layers"):
-                    node = node[key]
-                self.layer_specs[tuple(path)] = jax.tree.map(layer_spec, node, is_leaf=_is_spec)
+            if not isinstance(module, Transformer):
+                continue
+            path, node = tuple(path), layout.param
+            for key in path:
+                node = node[key]
+            self.layer_specs[path] = jax.tree.map(layer_spec, node["layers"], is_leaf=_is_spec)
+            self._deferred.append((*path, "layers"))
+            self.table_dims[path] = {}
+            for name, leaf, width in (("embed", "embedding", 1), ("lm_head", "kernel", 0)):
+                if name in node and zero_dim(node[name][leaf]) == width:
+                    self.table_dims[path][name] = width
+                    self._deferred.append((*path, name, leaf))
         self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
                              out_shardings=(self.state_shardings, None), donate_argnums=0)
         self._eval = jax.jit(self._eval_step, in_shardings=(self.state_shardings.params,
@@ -175,7 +187,7 @@ class Trainer:
         def objective(p):
             model = nnx.merge(self.graphdef, self._gather(p, self.specs["param"]),
                               self._gather(frozen, self.specs["frozen"]))
-            set_layer_gather(model, self._layer_gather)
+            set_gathers(model, self._gathers)
             loss, metrics = self.loss_fn(model, batch)
             weight = jax.lax.stop_gradient(jnp.asarray(metrics.get("weight", rows), jnp.float32))
             return loss * weight * scale, (loss, metrics, weight)
@@ -189,33 +201,38 @@ class Trainer:
         out["weight"] = total
         return grads, out
 
-    def _gather(self, tree, specs, *, layers=False):
+    def _gather(self, tree, specs, *, whole=False):
         """ZeRO-3: a device's parameter shards -> whole parameters (all-gather over the data axes).
 
-        The stacked layers of a Transformer are left sharded (its scan gathers them one layer at a time,
-        see `_layer_gather`) unless `layers`, which gathers every leaf of `tree`.
+        What a Transformer fetches itself (its stacked layers, one at a time in its scan; its vocabulary
+        tables, see `_gathers`) is left sharded, unless `whole`, which gathers every leaf of `tree`.
         """
         if self.layout.stage < 3:
             return tree
 
         def gather(path, x, spec):
             d = zero_dim(spec)
-            if d is None or (not layers and self._in_layers(path)):
+            if d is None or (not whole and self._is_deferred(path)):
                 return x
             return jax.lax.all_gather(x, DATA_AXES, axis=d, tiled=True)
 
         return jax.tree_util.tree_map_with_path(gather, tree, specs, is_leaf=_is_spec)
 
-    def _in_layers(self, path) -> bool:
+    def _is_deferred(self, path) -> bool:
         keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
-        return any(keys[:len(t) + 1] == (*t, "layers") for t in self.layer_specs)
+        return any(keys[:len(prefix)] == prefix for prefix in self._deferred)
 
-    def _layer_gather(self, path):
-        """The function the Transformer at `path` applies to one layer's parameters in its scan body."""
+    def _gathers(self, path) -> Gathers:
+        """How the Transformer at `path` fetches the parameters the step left sharded (ZeRO-3)."""
         if self.layout.stage < 3:
-            return None
-        specs = self.layer_specs[path]
-        return lambda params: self._gather(params, _pick(specs, params), layers=True)
+            return Gathers()
+        specs, dims = self.layer_specs[path], self.table_dims[path]
+
+        def table(name, x):
+            return jax.lax.all_gather(x, DATA_AXES, axis=dims[name], tiled=True) if name in dims else x
+
+        return Gathers(layer=lambda params: self._gather(params, _pick(specs, params), whole=True), table=table,
+                       lookup=lookup_in_shards if "embed" in dims else None)
 
     def _reduce(self, g, param_spec, grad_spec):
         if self.layout.stage >= 3 and zero_dim(param_spec) is not None:
@@ -224,3 +241,18 @@ class Trainer:
         if d is None:
             return jax.lax.psum(g, DATA_AXES)
         return jax.lax.psum_scatter(g, DATA_AXES, scatter_dimension=d, tiled=True)
+
+
+def lookup_in_shards(table, ids):
+    """Embedding rows from a table split on its width over the data axes, inside a shard_map manual over
+    them: no device gathers the (V, E) table.
+
+    Every device looks up all devices' tokens in its own columns, then an all-to-all hands each device
+    its own rows' columns from every other:
+        ids (B, T) -all-gather-> (n B, T) -take from (V, E / n)-> (n B, T, E / n) -all-to-all-> (B, T, E)
+    The transposes route each token's gradient back to the devices holding its columns, where it is
+    scatter-added into their (V, E / n) shard: that shard's gradient, already reduced.
+    """
+    every = jax.lax.all_gather(ids, DATA_AXES, axis=0, tiled=True)
+    rows = jnp.take(table, every, axis=0)
+    return jax.lax.all_to_all(rows, DATA_AXES, 0, rows.ndim - 1, tiled=True)
