@@ -137,7 +137,7 @@ def test_plan_ppo_without_kl_has_no_reference_and_frozen_roles_in_bf16(monkeypat
     rc, report, _ = plan_json(argv, monkeypatch, capsys)
     roles = {r["role"]: r for r in report["roles"]}
     assert rc == 0 and list(roles) == ["actor train step", "critic train step", "reward forward",
-                                       "generation prefill", "generation decode"]
+                                       "generation reshard", "generation prefill", "generation decode"]
     critic, reward = roles["critic train step"]["resident"], roles["reward forward"]["resident"]
     print(f"resident per device: critic {critic}, reward (bf16, frozen) {reward}")
     assert 6 * reward <= critic < 6 * reward + 64  # + the optimizer's scalar counters

@@ -25,7 +25,7 @@ PPO = ["model.reward_path=tiny", "mesh.data=1", "mesh.fsdp=8", "zero_stage=3", "
        "generation.mesh.tensor=4", "ppo.rollout_batch_size=8", "ppo.mini_batches=1", "ppo.ema=0.9"]
 ROLES = {"sft": ["actor train step"], "reward": ["reward model train step"],
          "ppo": ["actor train step", "critic train step", "reference forward", "reward forward",
-                 "generation prefill", "generation decode"]}
+                 "generation reshard", "generation prefill", "generation decode"]}
 
 
 @pytest.mark.parametrize("step", ["sft", "reward", "ppo"])
@@ -73,9 +73,11 @@ def test_ppo_plan_equals_the_runs_compiled_steps():
     prompts = jax.device_put(np.ones((rows, plen), np.int32), hybrid.batch_sharding)
     static = dict(cfg=sampler, batch_sharding=hybrid.batch_sharding)
     with jax.set_mesh(hybrid.mesh):
+        reshard = compile_for_memory(hybrid.lower(actor.params, actor.frozen))
         first = compile_for_memory(prefill.lower(graphdef, params, prompts, prompts, jax.random.key(0), **static))
         state = prefill(graphdef, params, prompts, prompts, jax.random.key(0), **static)
         second = compile_for_memory(decode.lower(graphdef, params, state, **static))
+    assert _memory(reshard) == _row(planned["generation reshard"])
     assert _memory(first) == _row(planned["generation prefill"])
     assert _memory(second) == _row(planned["generation decode"])
 
