@@ -103,6 +103,11 @@ class ModelSection:
     # Llama-3-8B SFT plan (16 devices, 4 x 512 tokens per device) chunks of 128 raised the step's
     # temporaries from 12.62 to 17.99 GiB (per-chunk LM-head gradient buffers outweigh the logits saved).
     logits_chunk: int = 0
+    # Vocabulary entries the LM head handles at once in the losses and log-probs, each slice
+    # rematerialised in the backward pass: the logits exist for one slice, and under zero_stage 3 a
+    # device gathers one slice of the LM head at a time, never the whole (width x vocab) head and its
+    # gradient. 0: the whole vocabulary at once (the fastest for small vocabularies).
+    vocab_chunk: int = 0
     # Low-rank adapters.
     lora: LoraSection = _sub(LoraSection)
     # PPO critic's starting point (an HF directory); empty: the reward model of the previous step.
@@ -116,6 +121,7 @@ class ModelSection:
     def __post_init__(self):
         _check(bool(self.path), "path", "must name an HF directory or a preset such as 'tiny'")
         _check_positive(self, "logits_chunk", minimum=0)
+        _check_positive(self, "vocab_chunk", minimum=0)
 
 
 @_section

@@ -115,14 +115,17 @@ def test_bad_device_memory_is_a_clear_error(monkeypatch, capsys):
     assert rc == 1 and "--device-memory 'lots' is not a size" in err
 
 
-@pytest.mark.parametrize("name", ["opt-1.3b", "llama3_8b_tpu"])
+@pytest.mark.parametrize("name", ["opt-1.3b", "llama3_8b_tpu", "llama3_70b_tpu"])
 def test_new_configs_load(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg.precision.compute == "bf16" and cfg.model.reward_path
     assert cfg.data.max_prompt_len + cfg.generation.max_new_tokens <= cfg.data.max_len
     if name == "llama3_8b_tpu":
         assert cfg.mesh.fsdp == -1 and cfg.zero_stage == 3 and cfg.generation.mesh.tensor == 4
-        assert cfg.model.remat == "full"
+        assert cfg.model.remat == "full" and cfg.model.vocab_chunk == 16032
+    elif name == "llama3_70b_tpu":
+        assert cfg.mesh.fsdp == -1 and cfg.zero_stage == 3 and cfg.model.remat == "full"
+        assert cfg.model.vocab_chunk == 16032
     else:
         assert cfg.mesh.data == 8 and cfg.zero_stage == 2
 
@@ -134,7 +137,7 @@ def test_plan_ppo_without_kl_has_no_reference_and_frozen_roles_in_bf16(monkeypat
     rc, report, _ = plan_json(argv, monkeypatch, capsys)
     roles = {r["role"]: r for r in report["roles"]}
     assert rc == 0 and list(roles) == ["actor train step", "critic train step", "reward forward",
-                                       "generation prefill", "generation decode"]
+                                       "generation reshard", "generation prefill", "generation decode"]
     critic, reward = roles["critic train step"]["resident"], roles["reward forward"]["resident"]
     print(f"resident per device: critic {critic}, reward (bf16, frozen) {reward}")
     assert 6 * reward <= critic < 6 * reward + 64  # + the optimizer's scalar counters

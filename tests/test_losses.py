@@ -105,10 +105,11 @@ def test_sft_loss_empty_slice_gives_zero_weight_not_nan(lm, sft_batch):
 # ------------------------------------------------------------------------- LM head in chunks (big vocabularies)
 
 
-def _value_and_grads(loss_fn, chunk, batch, cfg=None, sharding=None):
+def _value_and_grads(loss_fn, chunk, batch, cfg=None, sharding=None, vocab_chunk=0):
     """loss, metrics and d loss / d params of `loss_fn` on a tiny model whose LM head runs `chunk` positions
-    at a time (0: all at once), jitted; with `sharding`, the batch is placed on it (rows over 8 devices)."""
-    model = Transformer(cfg or preset("tiny"), rngs=nnx.Rngs(0), logits_chunk=chunk)
+    (and `vocab_chunk` vocabulary entries) at a time (0: all at once), jitted; with `sharding`, the batch
+    is placed on it (rows over 8 devices)."""
+    model = Transformer(cfg or preset("tiny"), rngs=nnx.Rngs(0), logits_chunk=chunk, vocab_chunk=vocab_chunk)
     graphdef, params = nnx.split(model)
     if sharding is not None:
         batch = jax.device_put(batch, sharding)
@@ -131,17 +132,22 @@ def _actor_batch(rng, rows=4, prompt=3, response=6):
 ACTOR_LOSS = functools.partial(ppo.actor_loss, prompt_len=3, clip_ratio=0.2, entropy_coef=0.3, ptx_coef=0.5)
 
 
-@pytest.mark.parametrize("loss_name, chunk", [("sft", 4), ("sft", 1), ("actor", 4), ("actor", 5)])
-def test_chunked_lm_head_equals_one_pass(sft_batch, loss_name, chunk):
+@pytest.mark.parametrize("loss_name, chunk, vocab_chunk, tied", [
+    ("sft", 4, 0, False), ("sft", 1, 0, False), ("actor", 4, 0, False), ("actor", 5, 0, False),
+    ("sft", 0, 24, False), ("actor", 4, 10, True),
+])
+def test_chunked_lm_head_equals_one_pass(sft_batch, loss_name, chunk, vocab_chunk, tied):
     """SFT cross-entropy and accuracy, PPO log-probs, entropy and ptx loss: the same losses, metrics and
     gradients whether the LM head runs over all positions at once or a chunk at a time (a last chunk
-    that is padded included)."""
+    that is padded included), and over the whole vocabulary of 64 or slices of it (24 and 10: a last
+    slice that overlaps the one before; tied embeddings: the slices come from the embedding table)."""
     if loss_name == "sft":
         loss_fn, batch = sft_loss, sft_batch
     else:
         loss_fn, batch = ACTOR_LOSS, _actor_batch(np.random.default_rng(1))
-    want_loss, want_m, want_g = _value_and_grads(loss_fn, 0, batch)
-    got_loss, got_m, got_g = _value_and_grads(loss_fn, chunk, batch)
+    cfg = preset("tiny", tie_embeddings=tied)
+    want_loss, want_m, want_g = _value_and_grads(loss_fn, 0, batch, cfg)
+    got_loss, got_m, got_g = _value_and_grads(loss_fn, chunk, batch, cfg, vocab_chunk=vocab_chunk)
     np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-6)
     assert set(got_m) == set(want_m)
     for k in want_m:

@@ -28,7 +28,7 @@ PPO = ["model.reward_path=tiny", "mesh.data=1", "mesh.fsdp=8", "zero_stage=3", "
 STAGES = {"sft": [3], "reward": [3], "ppo": [3, 0, 3, 0, None, None]}  # each row's ZeRO stage
 ROLES = {"sft": ["actor train step"], "reward": ["reward model train step"],
          "ppo": ["actor train step", "critic train step", "reference forward", "reward forward",
-                 "generation prefill", "generation decode"]}
+                 "generation reshard", "generation prefill", "generation decode"]}
 
 
 @pytest.mark.parametrize("step", ["sft", "reward", "ppo"])
@@ -77,9 +77,11 @@ def test_ppo_plan_equals_the_runs_compiled_steps():
     prompts = jax.device_put(np.ones((rows, plen), np.int32), hybrid.batch_sharding)
     static = dict(cfg=sampler, batch_sharding=hybrid.batch_sharding)
     with jax.set_mesh(hybrid.mesh):
+        reshard = compile_for_memory(hybrid.lower(actor.params, actor.frozen))
         first = compile_for_memory(prefill.lower(graphdef, params, prompts, prompts, jax.random.key(0), **static))
         state = prefill(graphdef, params, prompts, prompts, jax.random.key(0), **static)
         second = compile_for_memory(decode.lower(graphdef, params, state, **static))
+    assert _memory(reshard) == _row(planned["generation reshard"])
     assert _memory(first) == _row(planned["generation prefill"])
     assert _memory(second) == _row(planned["generation decode"])
 

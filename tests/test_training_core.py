@@ -11,6 +11,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxrl.algorithms.sft import sft_loss
 from jaxrl.models.config import preset
 from jaxrl.models.transformer import Transformer, shard_activations
 from jaxrl.optim import LossScaleConfig, OptimConfig, make_optimizer
@@ -44,13 +45,14 @@ def make_batches(n, rows=16, t=12, seed=0):
     return out
 
 
-def build_trainer(mesh, stage, *, optim=None, loss_scale=None, dtype=jnp.float32, remat="none", loss=lm_loss):
-    layout = zero_layout(lambda sh: Transformer(CFG, rngs=nnx.Rngs(0), shardings=sh, dtype=dtype, remat=remat),
-                         mesh, stage)
+def build_trainer(mesh, stage, *, optim=None, loss_scale=None, dtype=jnp.float32, remat="none", loss=lm_loss,
+                  vocab_chunk=0):
+    kw = dict(dtype=dtype, remat=remat, vocab_chunk=vocab_chunk)
+    layout = zero_layout(lambda sh: Transformer(CFG, rngs=nnx.Rngs(0), shardings=sh, **kw), mesh, stage)
     tensor = mesh.shape["tensor"] > 1
     with jax.set_mesh(mesh):
-        model = Transformer(CFG, rngs=nnx.Rngs(0), dtype=dtype, remat=remat,
-                            shardings=model_shardings(shard_params=stage == 3, tensor=tensor))
+        model = Transformer(CFG, rngs=nnx.Rngs(0), shardings=model_shardings(shard_params=stage == 3, tensor=tensor),
+                            **kw)
     opt = make_optimizer(optim or OptimConfig(lr=1e-2, weight_decay=0.1, warmup_steps=2), 10, loss_scale=loss_scale)
     return Trainer(model, opt, loss, mesh=mesh, layout=layout)
 
@@ -100,6 +102,17 @@ def test_sharded_training_matches_one_device(reference, name):
     assert _max_rel(jax.device_get(state.params), ref_params) < 1e-5
 
 
+def test_stage3_vocabulary_slices_match_one_device():
+    """ZeRO-3 over 8 devices with the SFT loss's LM head in 24-entry vocabulary slices (each gathered
+    on its own, the embedding looked up in the shards) trains exactly as one device over the whole
+    vocabulary."""
+    batches = [dict(b, loss_mask=b["attention_mask"]) for b in BATCHES[:2]]
+    _, want, want_losses = run(make_mesh(1, 1, 1, devices=jax.devices()[:1]), 0, batches, loss=sft_loss)
+    _, got, losses = run(make_mesh(1, 8, 1), 3, batches, loss=sft_loss, vocab_chunk=24)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+    assert _max_rel(jax.device_get(got.params), jax.device_get(want.params)) < 1e-5
+
+
 def _collectives(hlo):
     return {op: len(re.findall(rf"\b{op}(?:-start)?\(", hlo)) for op in ("all-reduce", "reduce-scatter", "all-gather")}
 
@@ -144,17 +157,19 @@ def _while_bodies(hlo):
 def test_stage3_gathers_one_layer_at_a_time():
     """ZeRO-3 all-gathers inside the layer scan, so temporaries grow with the activations, not with the
     full parameters, as layers are added (gathering the whole model first grew them by ~1.25x the
-    added parameter bytes)."""
-    batch = {"input_ids": jax.ShapeDtypeStruct((8, 8), jnp.int32),
-             "attention_mask": jax.ShapeDtypeStruct((8, 8), jnp.int32)}
+    added parameter bytes). The vocabulary tables (V = 96, E = 64) are never gathered whole: the SFT
+    loss's LM head gathers 24-entry slices inside its vocabulary loop (reduce-scattering their
+    gradients there), and the embedding is looked up in each device's shard through an all-to-all."""
+    ids = jax.ShapeDtypeStruct((8, 8), jnp.int32)
+    batch = {"input_ids": ids, "attention_mask": ids, "loss_mask": ids}
     mesh = make_mesh(1, 8, 1)
     temp, param_bytes = {}, {}
     for layers in (2, 8):
-        cfg = CFG.replace(num_layers=layers)
-        build = lambda sh: Transformer(cfg, rngs=nnx.Rngs(0), shardings=sh)  # noqa: E731
+        cfg = CFG.replace(num_layers=layers, vocab_size=96)
+        build = lambda sh: Transformer(cfg, rngs=nnx.Rngs(0), shardings=sh, vocab_chunk=24)  # noqa: E731
         with jax.set_mesh(mesh):
             model = nnx.eval_shape(lambda: build(model_shardings(shard_params=True, tensor=False)))
-        trainer = Trainer(model, make_optimizer(OptimConfig(lr=1e-2), 10), lm_loss, mesh=mesh,
+        trainer = Trainer(model, make_optimizer(OptimConfig(lr=1e-2), 10), sft_loss, mesh=mesh,
                           layout=zero_layout(build, mesh, 3))
         state = trainer.abstract_state()
         with jax.set_mesh(mesh):
@@ -162,12 +177,17 @@ def test_stage3_gathers_one_layer_at_a_time():
         temp[layers] = compiled.memory_analysis().temp_size_in_bytes
         param_bytes[layers] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params))
     hlo = compiled.as_text()
-    gathers_in_loops = sum(len(re.findall(r"\ball-gather(?:-start)?\(", c)) for c in _while_bodies(hlo).values())
-    scatters_in_loops = sum(len(re.findall(r"\breduce-scatter(?:-start)?\(", c)) for c in _while_bodies(hlo).values())
+    bodies = "\n".join(_while_bodies(hlo).values())
+    gathers_in_loops = len(re.findall(r"\ball-gather(?:-start)?\(", bodies))
+    scatters_in_loops = len(re.findall(r"\breduce-scatter(?:-start)?\(", bodies))
     projections = 7  # q, k, v, o, gate, up, down: gathered in the forward scan and again in the backward scan
     assert gathers_in_loops >= 2 * projections, gathers_in_loops
     assert scatters_in_loops >= projections, scatters_in_loops  # each layer's gradient, in the backward scan
     assert temp[8] - temp[2] < 0.5 * (param_bytes[8] - param_bytes[2]), (temp, param_bytes)
+    gathered = re.findall(r"= \w+\[([\d,]*)\]\S* all-gather(?:-start)?\(", hlo)
+    assert "64,96" not in gathered and "96,64" not in gathered, gathered  # no whole LM head or embedding
+    assert len(re.findall(r"= \w+\[64,24\]\S* all-gather(?:-start)?\(", bodies)) >= 2  # head slices, fwd + bwd
+    assert re.search(r"\ball-to-all(?:-start)?\(", hlo)  # the embedding lookup
 
 
 def test_stage3_frozen_forward_gathers_one_layer_at_a_time():

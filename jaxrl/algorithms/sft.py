@@ -4,8 +4,9 @@ Every loss here returns `(loss, metrics)` with `metrics["weight"]` = the local d
 over, so the shared data-parallel step can combine devices as sum(loss * weight) / sum(weight) and get
 exactly the one-device loss.
 
-The LM head and its log-softmax run through `head_stats`, a chunk of positions at a time, so no
-(B, T, V) fp32 logits tensor exists for the whole batch (a 128k vocabulary costs one chunk).
+The LM head and its log-softmax run through `head_stats`, a chunk of positions and/or of the
+vocabulary at a time, so no (B, T, V) fp32 logits tensor exists for the whole batch (a 128k
+vocabulary costs one chunk), and under ZeRO-3 no device gathers the whole LM head.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def token_entropy(logits):
 
 
 def head_stats(model, hidden, targets, *, entropy: bool = False, accuracy: bool = False,
-               chunk: int | None = None) -> dict:
+               chunk: int | None = None, vocab_chunk: int | None = None) -> dict:
     """Per-position statistics of the next-token distributions, the LM head applied a chunk at a time.
 
         z[b, t]       = model.logits(hidden[b, t])                               (V,) fp32
@@ -55,22 +56,29 @@ def head_stats(model, hidden, targets, *, entropy: bool = False, accuracy: bool 
     The T positions are cut into ceil(T / chunk) chunks (the last one padded, its padding dropped) that
     `lax.map` runs one after the other, each under `jax.checkpoint`: a chunk's (B, chunk, V) logits exist
     only while that chunk is computed, in the forward and again in the backward, so the peak is one
-    chunk's logits and not (B, T, V). Each position's numbers are those of the unchunked computation.
+    chunk's logits and not (B, T, V). The vocabulary may be cut the same way (`vocab_stats`), so only a
+    (B, chunk, vocab_chunk) block of logits, and one slice of the LM head, exists at a time. Each
+    position's numbers are those of the unchunked computation (up to rounding in the combination).
 
     Args:
-      model: a `Transformer` with an LM head (`model.logits`).
+      model: a `Transformer` with an LM head (`model.logits`, `model.vocab_logits`).
       hidden: (B, T, E) its final hidden states at the positions to score.
       targets: (B, T) the token each position predicts.
       entropy, accuracy: also return `entropy` (fp32) and `correct` (fp32 0/1).
       chunk: positions per chunk; None: `model.logits_chunk`; 0 or >= T: one pass over all T (no map,
         no checkpoint: the fastest for small vocabularies).
+      vocab_chunk: vocabulary entries per chunk; None: `model.vocab_chunk`; 0 or >= V: the whole
+        vocabulary at once.
     Returns:
       {'logp': (B, T) fp32, and 'entropy', 'correct' (B, T) when asked for}.
     """
     chunk = model.logits_chunk if chunk is None else chunk
+    vocab_chunk = model.vocab_chunk if vocab_chunk is None else vocab_chunk
     b, t, e = hidden.shape
 
     def stats(h, y):  # (B, c, E), (B, c) -> dict of (B, c)
+        if 0 < vocab_chunk < model.config.vocab_size:
+            return vocab_stats(model, h, y, vocab_chunk, entropy=entropy, accuracy=accuracy)
         logits = model.logits(h)  # (B, c, V) fp32
         out = {"logp": _picked_logprobs(logits, y)}
         if entropy:
@@ -89,6 +97,56 @@ def head_stats(model, hidden, targets, *, entropy: bool = False, accuracy: bool 
     y = targets.reshape(b, n, chunk).swapaxes(0, 1)  # (n, B, c)
     out = jax.lax.map(lambda xs: jax.checkpoint(stats)(*xs), (h, y))  # each (n, B, c)
     return {k: v.swapaxes(0, 1).reshape(b, n * chunk)[:, :t] for k, v in out.items()}
+
+
+def vocab_stats(model, hidden, targets, size: int, *, entropy: bool = False, accuracy: bool = False) -> dict:
+    """`head_stats`' numbers with the vocabulary cut into K = ceil(V / size) slices of `size` entries.
+
+    Slice k covers entries [k size, (k + 1) size); the last one is read from V - size on, its entries
+    below k size masked out (-inf), so any `size` works. `lax.map` runs the slices one after the other,
+    each under `jax.checkpoint` (its (..., size) logits, and under ZeRO-3 its gathered slice of the LM
+    head, exist only while it is computed, forward and backward), and each returns per position
+        lse_k = logsumexp_{v in k} z_v,   s_k = sum_{v in k} softmax_k(z)_v z_v,   m_k = max_{v in k} z_v,
+    its argmax a_k, and z at the target when the target is in slice k. They combine exactly:
+        logsumexp z = logsumexp_k lse_k,   entropy = logsumexp z - sum_k exp(lse_k - logsumexp z) s_k,
+        argmax z    = a_k at the first k with the largest m_k (the first maximum, as `jnp.argmax`).
+
+    Args:
+      model: a `Transformer` (`model.vocab_logits`); hidden: (..., E); targets: (...) int.
+      size: entries per slice, 0 < size < V.
+    Returns:
+      {'logp', and 'entropy', 'correct' when asked for}, each (...) fp32.
+    """
+    vocab = model.config.vocab_size
+    n = -(-vocab // size)
+
+    def one(k):
+        start = jnp.minimum(k * size, vocab - size)
+        ids = start + jnp.arange(size)
+        valid = ids >= k * size  # the overlap of a last slice read from V - size was counted before
+        z = jnp.where(valid, model.vocab_logits(hidden, start, size), -jnp.inf)  # (..., size) fp32
+        lse = jax.nn.logsumexp(z, axis=-1)
+        inside = (targets >= k * size) & (targets < (k + 1) * size)
+        at = jnp.clip(targets - start, 0, size - 1)
+        out = {"lse": lse, "picked": jnp.where(inside, jnp.take_along_axis(z, at[..., None], axis=-1)[..., 0], 0.0)}
+        if entropy:
+            # masked entries: p = 0 times 0 rather than times -inf (whose gradient would be NaN)
+            out["s"] = jnp.sum(jnp.exp(z - lse[..., None]) * jnp.where(valid, z, 0.0), axis=-1)
+        if accuracy:
+            out["max"] = jnp.max(z, axis=-1)
+            out["arg"] = start + jnp.argmax(z, axis=-1)
+        return out
+
+    parts = jax.lax.map(jax.checkpoint(one), jnp.arange(n))  # each (K, ...)
+    lse = jax.nn.logsumexp(parts["lse"], axis=0)
+    out = {"logp": parts["picked"].sum(axis=0) - lse}
+    if entropy:
+        out["entropy"] = lse - jnp.sum(jnp.exp(parts["lse"] - lse) * parts["s"], axis=0)
+    if accuracy:
+        best = jnp.argmax(parts["max"], axis=0)  # first slice holding the maximum
+        arg = jnp.take_along_axis(parts["arg"], best[None], axis=0)[0]
+        out["correct"] = (arg == targets).astype(jnp.float32)
+    return out
 
 
 def sft_loss(model, batch):

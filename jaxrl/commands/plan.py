@@ -71,7 +71,8 @@ def run(args) -> int:
               f"compute {cfg.precision.compute}")
         print(table(roles))
         print("(outputs: beyond those written into donated arguments; others: the other models' state, "
-              "resident at the same time)")
+              "resident at the same time; the generation reshard's needed counts its arguments, the actor's "
+              "weights, once)" if step == "ppo" else "(outputs: beyond those written into donated arguments)")
         if platform == "cpu":
             print("(compiled for CPU: arguments and outputs are exact; temporaries are the CPU compiler's)")
     if limit is None:

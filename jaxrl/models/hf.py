@@ -273,7 +273,7 @@ def _score_prefix(path: str) -> str:
 # ---------------------------------------------------------------------------------------------- load
 def load_pretrained(path: str, dtype=jnp.float32, *, kind: str = "causal_lm",
                     shardings: ModelShardings | None = None, remat: str = "none", seed: int = 0,
-                    param_dtype=jnp.float32, logits_chunk: int = 0):
+                    param_dtype=jnp.float32, logits_chunk: int = 0, vocab_chunk: int = 0):
     """Loads an HF directory into a jaxrl model.
 
     Args:
@@ -286,7 +286,7 @@ def load_pretrained(path: str, dtype=jnp.float32, *, kind: str = "causal_lm",
         shards (each device reads only its slice of the file).
       param_dtype: the parameters' storage dtype: fp32 (the master copy of a model that trains), or the
         compute dtype for a frozen model; each slice is cast as it is read (see `store_params`).
-      logits_chunk: a causal LM's `Transformer.logits_chunk`.
+      logits_chunk, vocab_chunk: a causal LM's `Transformer.logits_chunk` and `vocab_chunk`.
     Returns:
       The model, with `source_path` recording `path` (save_pretrained copies its tokenizer from there).
     """
@@ -296,7 +296,7 @@ def load_pretrained(path: str, dtype=jnp.float32, *, kind: str = "causal_lm",
     if kind not in ("causal_lm", "score"):
         raise ValueError(f"kind must be 'causal_lm' or 'score', got {kind!r}")
     cls = ScoreModel if score else Transformer
-    extra = {} if score else {"logits_chunk": logits_chunk}
+    extra = {} if score else {"logits_chunk": logits_chunk, "vocab_chunk": vocab_chunk}
     abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(seed), dtype=dtype, shardings=shardings, remat=remat,
                                           **extra))
     abstract = store_params(abstract, param_dtype)  # the abstract dtypes are what each slice is read as

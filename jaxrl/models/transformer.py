@@ -10,12 +10,18 @@ cast to the compute `dtype` where they are used; norms and softmax run in fp32.
 The blocks are one stacked `Block` (`Transformer.layers`): every block parameter has a leading layer
 axis L (never sharded: its PartitionSpec starts with None), and `forward` runs `jax.lax.scan` over it,
 so compile time does not grow with depth and a ZeRO-3 gather can fetch one layer at a time
-(`set_layer_gather`). The KV cache is stacked the same way: {'k', 'v'} of (L, B, S, K, H).
+(`set_gathers`). The KV cache is stacked the same way: {'k', 'v'} of (L, B, S, K, H).
+
+The vocabulary-sized tables (the embedding, the LM head) are never needed whole under ZeRO-3 either:
+`Gathers.lookup` embeds the tokens from a device's shard, and `vocab_logits` gathers one slice of the
+head at a time (`sft.head_stats` with `vocab_chunk`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -224,12 +230,13 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  shardings: ModelShardings | None = None, lm_head: bool = True, remat: str = "none",
-                 logits_chunk: int = 0):
+                 logits_chunk: int = 0, vocab_chunk: int = 0):
         sh = shardings or ModelShardings()
         self.config = cfg
         self.dtype = dtype
         self.remat = remat
         self.logits_chunk = logits_chunk  # positions per LM-head chunk in the losses (sft.head_stats); 0: all
+        self.vocab_chunk = vocab_chunk  # vocabulary entries per LM-head chunk in the losses; 0: all
         e, d = cfg.embed_width, cfg.hidden_size
         self.embed = Embed(cfg.vocab_size, e, spec=sh.embed_ve, rngs=rngs)
         self.pos_embed = (
@@ -253,7 +260,7 @@ class Transformer(nnx.Module):
         )
         self.has_lm_head = lm_head
         self.act_spec = None  # PartitionSpec of (B, T, D) activations under GSPMD; see shard_activations
-        self.layer_gather = None  # one layer's params -> params used by its block; see set_layer_gather
+        self.gathers = Gathers()  # how ZeRO-3-sharded parameters are fetched where used; see set_gathers
 
     def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None):
         hidden, _ = self.forward(input_ids, attention_mask, positions=positions, segment_ids=segment_ids)
@@ -296,7 +303,7 @@ class Transformer(nnx.Module):
         if segment_ids is not None:
             mask &= (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
 
-        x = self.embed(input_ids).astype(self.dtype)
+        x = self._embed_tokens(input_ids).astype(self.dtype)
         if self.project_in is not None:
             x = self.project_in(x)
         if self.pos_embed is not None:
@@ -312,14 +319,14 @@ class Transformer(nnx.Module):
     def _scan_blocks(self, x, positions, mask, cache, cache_index):
         """x (B, T, D) through the L stacked blocks with `jax.lax.scan`; the cache rides in the carry.
 
-        The body merges one layer's slice of the stacked parameters into a Block (after `layer_gather`,
+        The body merges one layer's slice of the stacked parameters into a Block (after `gathers.layer`,
         e.g. ZeRO-3's all-gather of that layer) and is rematerialised by `self.remat`. With a gather, the
         gathered layer is never saved for the backward pass (it is gathered again there; remat 'none' then
         saves what 'dots' saves), so ZeRO-3 holds about two layers of full parameters at a time.
         """
         graphdef, stacked = nnx.split(self.layers)
         stacked = nnx.to_pure_dict(stacked)
-        gather, act_spec = self.layer_gather, self.act_spec
+        gather, act_spec = self.gathers.layer, self.act_spec
 
         def body(carry, xs):
             h, layer_cache = carry
@@ -344,12 +351,34 @@ class Transformer(nnx.Module):
         (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, layers))
         return x, cache
 
+    def _embed_tokens(self, ids):  # (B, T) -> (B, T, E) in the table's dtype
+        table = self.embed.embedding[...]
+        if self.gathers.lookup is not None:
+            return self.gathers.lookup(table, ids)
+        return jnp.take(table, ids, axis=0)
+
     def logits(self, hidden):
         """(B, T, E) -> (B, T, V) fp32."""
+        return self.vocab_logits(hidden, 0, self.config.vocab_size)
+
+    def vocab_logits(self, hidden, start, size: int):
+        """(..., E) -> (..., size) fp32: the logits of vocabulary entries [start, start + size).
+
+        `start` may be traced; as in `lax.dynamic_slice` it is clamped to V - size. Only that slice of the
+        LM head (or of the tied embedding) is used, and under ZeRO-3 only it is gathered (`Gathers.table`).
+        """
         if self.lm_head is not None:
-            return self.lm_head(hidden).astype(jnp.float32)
-        table = self.embed.embedding[...].astype(self.dtype)
-        return jnp.einsum("bte,ve->btv", hidden.astype(self.dtype), table).astype(jnp.float32)
+            w = jax.lax.dynamic_slice_in_dim(self.lm_head.kernel[...], start, size, axis=1)  # (E, size)
+            w = self._gathered("lm_head", w)
+            return jnp.einsum("...e,ev->...v", hidden.astype(self.dtype), w.astype(self.dtype)).astype(jnp.float32)
+        w = jax.lax.dynamic_slice_in_dim(self.embed.embedding[...], start, size, axis=0)  # (size, E)
+        w = self._gathered("embed", w)
+        return jnp.einsum("...e,ve->...v", hidden.astype(self.dtype), w.astype(self.dtype)).astype(jnp.float32)
+
+    def _gathered(self, name, table_slice):
+        if self.gathers.table is None:
+            return table_slice
+        return self.gathers.table(name, table_slice)
 
     def init_cache(self, batch: int, length: int, dtype=None) -> dict:
         """An empty KV cache, stacked per layer: {'k', 'v'} of (L, B, S, K, H)."""
@@ -372,19 +401,33 @@ def shard_activations(model: nnx.Module, spec: P | None) -> nnx.Module:
     return model
 
 
-def set_layer_gather(model: nnx.Module, gather_for) -> nnx.Module:
-    """Sets the function each Transformer in `model` applies to one layer's parameters inside its scan.
+@dataclasses.dataclass(frozen=True)
+class Gathers:
+    """How a Transformer fetches parameters a device holds only a shard of (ZeRO-3), where it uses them.
 
-    `gather_for(path)` is called with each Transformer's path in `model` (() for the root, ('backbone',)
-    in a ScoreModel) and returns `gather(params) -> params` over that layer's pure-dict parameters (the
-    paths of `nnx.to_pure_dict(nnx.state(transformer.layers))`, without the layer axis), or None. The
-    ZeRO-3 train step passes an all-gather over the data axes: the forward gathers one layer at a time,
-    the backward gathers it again, and the gather's transpose reduce-scatters that layer's gradient
-    inside the backward scan.
+    The train step sets them (`set_gathers`) inside its shard_map, manual over the data axes; a None
+    field means the parameter is used as it is (whole, or left to GSPMD).
+    """
+
+    # one layer's parameters (the pure dict of `nnx.state(transformer.layers)` without the layer axis)
+    # -> whole, applied inside the scan body: the forward gathers one layer at a time, the backward
+    # gathers it again, and the gather's transpose reduce-scatters that layer's gradient there.
+    layer: Callable[[dict], dict] | None = None
+    # ('embed' | 'lm_head', a vocabulary slice of that table as the device holds it) -> the whole slice.
+    table: Callable[[str, jax.Array], jax.Array] | None = None
+    # (the device's shard of the embedding table, (B, T) ids) -> (B, T, E): the tokens' embeddings.
+    lookup: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+
+
+def set_gathers(model: nnx.Module, gathers_for) -> nnx.Module:
+    """Sets how each Transformer in `model` fetches its sharded parameters (`Gathers`).
+
+    `gathers_for(path)` is called with each Transformer's path in `model` (() for the root, ('backbone',)
+    in a ScoreModel) and returns its `Gathers`.
     """
     for path, module in nnx.iter_graph(model):
         if isinstance(module, Transformer):
-            module.layer_gather = gather_for(tuple(path))
+            module.gathers = gathers_for(tuple(path))
     return model
 
 

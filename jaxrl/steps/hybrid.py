@@ -65,6 +65,11 @@ class HybridEngine:
         state = settle(self._reshard(params, frozen))
         return nnx.merge(self.gen_graphdef, state)
 
+    def lower(self, params: dict, frozen: dict):
+        """The resharding step lowered for (possibly abstract) training-layout `params` and `frozen`, under
+        the generation mesh as `generation_copy` runs it (for `jaxrl plan`)."""
+        return self._reshard.lower(params, frozen)
+
     def abstract_copy(self):
         """(graphdef, state) of the generation copy, its state as `jax.ShapeDtypeStruct`s in the inference
         dtype with their shardings: what `generation_copy` makes, for ahead-of-time lowering (`jaxrl plan`)."""

@@ -7,7 +7,8 @@ of time for the configured meshes and each role's own ZeRO stage, and `Compiled.
 per-device bytes: arguments, outputs (less those aliased to donated arguments) and temporaries.
 
 A trained role lowers its `Trainer` step, a frozen one its forward; PPO adds the Hybrid Engine's
-generation prefill and decode on the generation mesh (no reference when ppo.kl_coef is 0). In PPO all
+reshard into its generation copy, and the generation prefill and decode on the generation mesh (no
+reference when ppo.kl_coef is 0). In PPO all
 the models stay on the devices for the whole run, so a role needs its own total plus the other models'
 resident state ("others").
 """
@@ -47,6 +48,7 @@ class RoleMemory:
     resident: int  # this role's model state, kept on the devices between calls (0: dropped after use)
     others: int = 0  # the other models' resident state, on the devices at the same time (PPO)
     zero_stage: int | None = None  # the model's own ZeRO stage (None: the generation copy, tensor-parallel)
+    shared: int = 0  # of its arguments, the bytes that are another role's resident state (in `others`)
 
     @property
     def total(self) -> int:
@@ -54,7 +56,7 @@ class RoleMemory:
 
     @property
     def needed(self) -> int:
-        return self.total + self.others
+        return self.total + self.others - self.shared
 
 
 def plan(cfg: RunConfig, step: str) -> list[RoleMemory]:
@@ -123,9 +125,13 @@ def forward_memory(role: Role, cfg: RunConfig, mesh, *, model=None, resident=Non
 
 
 def generation_memory(cfg: RunConfig, actor: Role, actor_trainer, mesh) -> list[RoleMemory]:
-    """Prefill and decode of the Hybrid Engine's generation copy (dropped after each rollout)."""
+    """The Hybrid Engine's reshard (training layout -> generation copy: its peak, the copy counted as its
+    output), then prefill and decode of the copy (dropped after each rollout)."""
     hybrid = ppo.hybrid_engine(cfg, actor.arch, actor_trainer.graphdef, mesh)
     gen = hybrid.mesh
+    trained = actor_trainer.abstract_state()
+    with jax.set_mesh(gen):
+        reshard = compile_for_memory(hybrid.lower(trained.params, trained.frozen))
     graphdef, params = hybrid.abstract_copy()
     sampler = ppo.sampler(cfg, actor.arch)
     prompts = jax.ShapeDtypeStruct((cfg.ppo.rollout_batch_size, cfg.data.max_prompt_len), jnp.int32,
@@ -138,7 +144,10 @@ def generation_memory(cfg: RunConfig, actor: Role, actor_trainer, mesh) -> list[
         state = jax.tree.map(lambda info, s: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=s),
                              lowered.out_info, first.output_shardings)
         second = compile_for_memory(decode.lower(graphdef, params, state, **static))
-    return [memory("generation prefill", "generation", first, 0), memory("generation decode", "generation", second, 0)]
+    reshard = dataclasses.replace(memory("generation reshard", "generation", reshard, 0),
+                                  shared=per_device((trained.params, trained.frozen)))  # the actor's own weights
+    return [reshard, memory("generation prefill", "generation", first, 0),
+            memory("generation decode", "generation", second, 0)]
 
 
 # ------------------------------------------------------------------------------------------------ bytes

@@ -41,6 +41,7 @@ class ModelSpec:
     zero_stage: int = 0  # its layout (`zero_layout`): each role has its own, as in DeepSpeed-Chat
     remat: str = "none"
     logits_chunk: int = 0  # causal LM: positions per LM-head chunk in the losses
+    vocab_chunk: int = 0  # causal LM: vocabulary entries per LM-head chunk in the losses
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q", "v")
@@ -52,10 +53,11 @@ def spec_from(cfg: RunConfig, path: str | None = None, kind: str = "causal_lm", 
     """The run's model settings (precision, ZeRO stage, remat, LoRA, seed) for the model at `path` (default
     model.path); `zero_stage` and `dtype` replace the run's (`zero_stage`, `precision.compute`) unless None."""
     lora = cfg.model.lora
-    return ModelSpec(path=path or cfg.model.path, kind=kind, dtype=dtype or cfg.precision.compute,
-                     zero_stage=cfg.zero_stage if zero_stage is None else zero_stage, remat=cfg.model.remat,
-                     logits_chunk=cfg.model.logits_chunk, lora_rank=lora.rank, lora_alpha=lora.alpha,
-                     lora_targets=tuple(lora.targets), seed=cfg.seed)
+    m = cfg.model
+    return ModelSpec(path=path or m.path, kind=kind, dtype=dtype or cfg.precision.compute,
+                     zero_stage=cfg.zero_stage if zero_stage is None else zero_stage, remat=m.remat,
+                     logits_chunk=m.logits_chunk, vocab_chunk=m.vocab_chunk, lora_rank=lora.rank,
+                     lora_alpha=lora.alpha, lora_targets=tuple(lora.targets), seed=cfg.seed)
 
 
 def frozen_spec(cfg: RunConfig, path: str | None = None, kind: str = "causal_lm", *, zero_stage: int | None = None,
@@ -131,7 +133,7 @@ def born(spec: ModelSpec, arch: model_config.ModelConfig, mesh, *, abstract: boo
         else:
             model = _lora(load_pretrained(spec.path, dtype=dtype, kind=spec.kind, shardings=layout.shardings,
                                           remat=spec.remat, seed=spec.seed, param_dtype=param_dtype,
-                                          logits_chunk=spec.logits_chunk), spec)
+                                          logits_chunk=spec.logits_chunk, vocab_chunk=spec.vocab_chunk), spec)
     return model, layout
 
 
@@ -140,7 +142,7 @@ def new_model(spec: ModelSpec, arch: model_config.ModelConfig, shardings):
     kw = dict(rngs=nnx.Rngs(spec.seed), dtype=dtype_of(spec.dtype), shardings=shardings, remat=spec.remat)
     if spec.kind == "score":
         return ScoreModel(arch, **kw)
-    return Transformer(arch, logits_chunk=spec.logits_chunk, **kw)
+    return Transformer(arch, logits_chunk=spec.logits_chunk, vocab_chunk=spec.vocab_chunk, **kw)
 
 
 def _lora(model, spec: ModelSpec):

@@ -8,7 +8,10 @@ Gradients are computed in a `shard_map` that is manual over the data axes ('data
              The transformer's stacked layers are gathered one layer at a time inside its scan (forward,
              and again in the rematerialised backward), so that layer's gradient is reduce-scattered
              inside the backward scan: a device holds its shards plus about two layers of full
-             parameters, never the whole model nor a full-size gradient tree.
+             parameters, never the whole model nor a full-size gradient tree. The vocabulary tables
+             are not gathered whole either: the embedding looks the tokens up in each device's shard
+             (ids all-gathered, rows all-to-all'd back), and the LM head gathers the vocabulary slice
+             that `vocab_logits` asks for (one chunk at a time under `model.vocab_chunk`).
 The optimizer update then runs under GSPMD with the optimizer state partitioned from stage 1 on.
 
 The loss is averaged exactly as on one device: each loss function reports the denominator it averaged
@@ -33,7 +36,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrl.models.transformer import Transformer, set_layer_gather, shard_activations
+from jaxrl.models.transformer import Gathers, Transformer, set_gathers, shard_activations
 from jaxrl.parallel.mesh import settle
 from jaxrl.optim import window_grads
 from jaxrl.parallel.sharding import DATA_AXES, Layout, layer_spec, manual_spec, zero_dim
@@ -105,14 +108,23 @@ class StateLayout:
                             step=jax.ShapeDtypeStruct((), jnp.int32))
         self._abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
                                       self.state_shardings)
-        # Each Transformer's stacked layers: its path, and one layer's parameter specs (layer axis dropped).
-        self.layer_specs = {}
+        # Each Transformer (by path): one layer's parameter specs (layer axis dropped), and the vocabulary
+        # tables it gathers itself under ZeRO-3: those split on their width E (the dimension a vocabulary
+        # slice keeps whole), by that dimension. `deferred`: the key prefixes the step leaves sharded.
+        self.layer_specs, self.table_dims, self.deferred = {}, {}, []
         for path, module in nnx.iter_graph(model):
-            if isinstance(module, Transformer):
-                node = layout.param
-                for key in (*path, "layers"):
-                    node = node[key]
-                self.layer_specs[tuple(path)] = jax.tree.map(layer_spec, node, is_leaf=_is_spec)
+            if not isinstance(module, Transformer):
+                continue
+            path, node = tuple(path), layout.param
+            for key in path:
+                node = node[key]
+            self.layer_specs[path] = jax.tree.map(layer_spec, node["layers"], is_leaf=_is_spec)
+            self.deferred.append((*path, "layers"))
+            self.table_dims[path] = {}
+            for name, leaf, width in (("embed", "embedding", 1), ("lm_head", "kernel", 0)):
+                if name in node and zero_dim(node[name][leaf]) == width:
+                    self.table_dims[path][name] = width
+                    self.deferred.append((*path, name, leaf))
 
     def _split(self, model):
         graphdef, trainable, frozen = nnx.split(model, self.wrt, ...)
@@ -228,7 +240,7 @@ def _local_grads(states: StateLayout, loss_fn: LossFn, params, frozen, batch, sc
     def objective(p):
         model = nnx.merge(states.graphdef, _gather(states, p, specs["param"]),
                           _gather(states, frozen, specs["frozen"]))
-        set_layer_gather(model, functools.partial(_layer_gather, states))
+        set_gathers(model, functools.partial(_gathers, states))
         loss, metrics = loss_fn(model, batch)
         weight = jax.lax.stop_gradient(jnp.asarray(metrics.get("weight", rows), jnp.float32))
         return loss * weight * scale, (loss, metrics, weight)
@@ -243,35 +255,55 @@ def _local_grads(states: StateLayout, loss_fn: LossFn, params, frozen, batch, sc
     return grads, out
 
 
-def _gather(states: StateLayout, tree, specs, *, layers=False):
+def _gather(states: StateLayout, tree, specs, *, whole=False):
     """A device's parameter shards -> whole parameters: every leaf partitioned over the data axes (ZeRO-3)
     is all-gathered; the rest (every leaf below stage 3) is already whole.
 
-    The stacked layers of a Transformer are left sharded (its scan gathers them one layer at a time,
-    see `_layer_gather`) unless `layers`, which gathers every leaf of `tree`.
+    What a Transformer fetches itself (its stacked layers, one at a time in its scan; its vocabulary
+    tables, see `_gathers`) is left sharded, unless `whole`, which gathers every leaf of `tree`.
     """
 
     def gather(path, x, spec):
         d = zero_dim(spec)
-        if d is None or (not layers and _in_layers(states, path)):
+        if d is None or (not whole and _is_deferred(states, path)):
             return x
         return jax.lax.all_gather(x, DATA_AXES, axis=d, tiled=True)
 
     return jax.tree_util.tree_map_with_path(gather, tree, specs, is_leaf=_is_spec)
 
 
-def _in_layers(states: StateLayout, path) -> bool:
+def _is_deferred(states: StateLayout, path) -> bool:
     keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
-    return any(keys[:len(t) + 1] == (*t, "layers") for t in states.layer_specs)
+    return any(keys[:len(prefix)] == prefix for prefix in states.deferred)
 
 
-def _layer_gather(states: StateLayout, path):
-    """The function the Transformer at `path` applies to one layer's parameters in its scan body (None
-    when none of them is partitioned: nothing to gather)."""
-    specs = states.layer_specs[path]
-    if all(zero_dim(s) is None for s in jax.tree.leaves(specs, is_leaf=_is_spec)):
-        return None
-    return lambda params: _gather(states, params, _pick(specs, params), layers=True)
+def _gathers(states: StateLayout, path) -> Gathers:
+    """How the Transformer at `path` fetches the parameters the step left sharded (ZeRO-3); a field is
+    None when there is nothing of that kind to gather."""
+    specs, dims = states.layer_specs[path], states.table_dims[path]
+    partitioned = any(zero_dim(s) is not None for s in jax.tree.leaves(specs, is_leaf=_is_spec))
+
+    def table(name, x):
+        return jax.lax.all_gather(x, DATA_AXES, axis=dims[name], tiled=True) if name in dims else x
+
+    return Gathers(layer=(lambda params: _gather(states, params, _pick(specs, params), whole=True))
+                   if partitioned else None,
+                   table=table if dims else None, lookup=lookup_in_shards if "embed" in dims else None)
+
+
+def lookup_in_shards(table, ids):
+    """Embedding rows from a table split on its width over the data axes, inside a shard_map manual over
+    them: no device gathers the (V, E) table.
+
+    Every device looks up all devices' tokens in its own columns, then an all-to-all hands each device
+    its own rows' columns from every other:
+        ids (B, T) -all-gather-> (n B, T) -take from (V, E / n)-> (n B, T, E / n) -all-to-all-> (B, T, E)
+    The transposes route each token's gradient back to the devices holding its columns, where it is
+    scatter-added into their (V, E / n) shard: that shard's gradient, already reduced.
+    """
+    every = jax.lax.all_gather(ids, DATA_AXES, axis=0, tiled=True)
+    rows = jnp.take(table, every, axis=0)
+    return jax.lax.all_to_all(rows, DATA_AXES, 0, rows.ndim - 1, tiled=True)
 
 
 def _reduce(g, param_spec, grad_spec):
