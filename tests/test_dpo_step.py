@@ -54,9 +54,18 @@ def _params(path):
     return jax.tree.leaves(nnx.to_pure_dict(nnx.state(load_pretrained(str(path)), nnx.Param)))
 
 
-def test_eight_devices_zero3_precomputed_equal_one_device_per_batch(root):
-    cfg = load_config(None, overrides(root, "mesh.data=1", f"output={root}/one"))
-    final = dpo.run(cfg, mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+def _one_device():
+    return make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def one(root):
+    """The reference run: one device, the reference's log-probs computed per batch; its final eval metrics."""
+    return dpo.run(load_config(None, overrides(root, "mesh.data=1", f"output={root}/one")), mesh=_one_device())
+
+
+def test_eight_devices_zero3_precomputed_equal_one_device_per_batch(root, one):
+    final = one
     out = root / "eight"
     assert cli.main(["dpo", "--output", str(out), *overrides(root), "mesh.data=1", "mesh.fsdp=8", "zero_stage=3",
                      "dpo.precompute_ref=true"]) == 0
@@ -146,3 +155,37 @@ def test_bad_reference_settings_are_clear_errors(root, tmp_path, capsys):
     assert cli.main(["dpo", "--output", str(out), *overrides(root), "dpo.loss=simpo", "model.ref_path=tiny"]) == 1
     assert "dpo.loss=simpo uses no reference model" in capsys.readouterr().err
     assert not out.exists()  # nothing written
+
+
+def test_a_stopped_run_resumes_to_the_same_result(root, one, monkeypatch, caplog):
+    """SIGTERM after step 1 saves a checkpoint and stops; the rerun resumes there (recomputing the
+    precomputed reference log-probs) and ends where the uninterrupted run ended."""
+    import os
+    import signal
+
+    from jaxrl.errors import JaxrlError
+    from jaxrl.train import loop as loop_module
+
+    class SigtermAtOne(loop_module.Progress):
+        def update(self, step, metrics):
+            super().update(step, metrics)
+            if step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    out = root / "resumed"
+    cfg = load_config(None, overrides(root, "mesh.data=1", "dpo.precompute_ref=true", f"output={out}"))
+    monkeypatch.setattr(loop_module, "Progress", SigtermAtOne)
+    with pytest.raises(JaxrlError, match="checkpoint saved at step 1"):
+        dpo.run(cfg, mesh=_one_device())
+    assert not (out / "hf").exists()
+    monkeypatch.undo()
+    caplog.set_level("INFO", logger="jaxrl.train.loop")
+    assert dpo.run(cfg, mesh=_one_device()) == pytest.approx(one, rel=1e-5, abs=1e-6)
+    assert "resumed from the checkpoint at step 1" in caplog.text
+    resumed, straight = _metrics(out), _metrics(root / "one")
+    assert [m["step"] for m in resumed] == [1, 2, 2]  # step 1 logged before the stop, then step 2 and the eval
+    for want, got in zip(straight, resumed):
+        assert got.keys() == want.keys()
+        np.testing.assert_allclose([got[k] for k in want], [want[k] for k in want], rtol=1e-5, atol=1e-6)
+    for x, y in zip(_params(out / "hf"), _params(root / "one" / "hf")):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
