@@ -68,12 +68,17 @@ def _logs(reports) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(reports.glob("process*.log")))
 
 
-def test_two_processes_train_like_one(tmp_path):
+# `jaxrl dpo` on the same model and sizes: the policy under ZeRO-3 and a frozen reference, on preference pairs.
+DPO_ARGS = ["dpo", *ARGS[1:], "zero_stage=3", "mesh.data=1", "mesh.fsdp=8", "dpo.beta=0.5"]
+
+
+@pytest.mark.parametrize("args", [ARGS, DPO_ARGS], ids=["sft", "dpo"])
+def test_two_processes_train_like_one(tmp_path, args):
     multi, single, reports = tmp_path / "multi", tmp_path / "single", tmp_path / "reports"
     reports.mkdir()
-    procs = _launch(multi, reports)  # the workers start up while this process trains the reference
+    procs = _launch(multi, reports, args=args)  # the workers start up while this process trains the reference
     try:
-        assert cli.main([*ARGS, "--output", str(single)]) == 0
+        assert cli.main([*args, "--output", str(single)]) == 0
     finally:
         _wait(procs, reports)
 
@@ -92,7 +97,7 @@ def test_two_processes_train_like_one(tmp_path):
         for key in a:
             # The same global batches and mesh; only the order of cross-process sums may differ.
             np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=f"step {a['step']} {key}")
-    print("\nSFT losses, 1 x 8 devices:", [r.get("loss") for r in one],
+    print(f"\n{args[0]} losses, 1 x 8 devices:", [r.get("loss") for r in one],
           "\n            2 x 4 devices:", [r.get("loss") for r in two])
 
 

@@ -25,7 +25,7 @@ TINY = str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "tiny.ya
 PPO = ["model.reward_path=tiny", "mesh.data=1", "mesh.fsdp=8", "zero_stage=3", "ppo.critic.zero_stage=0",
        "ppo.reward.zero_stage=0", "generation.mesh.data=2", "generation.mesh.tensor=4", "ppo.rollout_batch_size=8",
        "ppo.mini_batches=1", "ppo.ema=0.9"]
-STAGES = {"sft": [3], "reward": [3], "ppo": [3, 0, 3, 0, None, None]}  # each row's ZeRO stage
+STAGES = {"sft": [3], "reward": [3], "ppo": [3, 0, 3, 0, None, None, None]}  # each row's ZeRO stage
 ROLES = {"sft": ["actor train step"], "reward": ["reward model train step"],
          "ppo": ["actor train step", "critic train step", "reference forward", "reward forward",
                  "generation reshard", "generation prefill", "generation decode"]}
