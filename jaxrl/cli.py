@@ -17,6 +17,8 @@ COMMANDS = {
     "sft": ("jaxrl.commands.train", "step 1: supervised fine-tuning"),
     "reward": ("jaxrl.commands.train", "step 2: reward-model training (pairwise loss)"),
     "ppo": ("jaxrl.commands.train", "step 3: PPO RLHF through the Hybrid Engine"),
+    "rl": ("jaxrl.commands.train", "step 3 with the config's `algorithm` (ppo, grpo, dr_grpo, dapo, gspo, rloo, ...)"),
+    "grpo": ("jaxrl.commands.train", "step 3 with GRPO (algorithm=grpo unless the config names another)"),
     "pipeline": ("jaxrl.commands.pipeline", "all three steps, each feeding the next"),
     "generate": ("jaxrl.commands.generate", "generate text from an HF directory"),
     "chat": ("jaxrl.commands.chat", "interactive chat with an HF directory"),

@@ -4,6 +4,11 @@ e2e_rlhf.py), resumable at any point; writes OUTPUT/summary.json.
 Layout: OUTPUT/step1_sft, OUTPUT/step2_reward, OUTPUT/step3_ppo (each a normal run directory with its hf/
 export), OUTPUT/data (the synthetic dataset, when used). A finished step leaves `done.json` and is
 skipped on a rerun; an interrupted one resumes from its checkpoints.
+
+With `algorithm=` one of the GRPO family (grpo, dapo, rloo, ...), step 3 runs that algorithm in
+OUTPUT/step3_<algorithm> with `reward.functions` as its reward (the embedded default: the synthetic
+task's checker) and `pipeline.grpo` as its overrides; there is no step 2, and summary.json's step-3
+section is named after the algorithm, with the keys of "ppo".
 """
 
 from __future__ import annotations
@@ -62,17 +67,21 @@ def run_pipeline(cfg, steps=(1, 2, 3)) -> dict:
     import jax
 
     from jaxrl.config import apply_overrides, save_yaml
-    from jaxrl.steps import ppo, reward, sft
+    from jaxrl.steps import grpo, ppo, reward, sft
 
     out = cfg.output
+    rule_rewards = cfg.algorithm != "ppo"  # the GRPO family: rewards by code, no reward model to train
+    if rule_rewards:
+        steps = tuple(s for s in steps if s != 2)
     dirs = {i: os.path.join(out, d) for i, d in STEP_DIRS.items()}
+    dirs[3] = os.path.join(out, f"step3_{cfg.algorithm}")
     shared = [f"data.cache_dir={cfg.data.cache_dir or os.path.join(out, 'data')}"]
     sft_hf, reward_hf = os.path.join(dirs[1], "hf"), os.path.join(dirs[2], "hf")
     p = cfg.pipeline
     # A step this run does not make must already be there, checked before anything is written.
     if 1 not in steps and {2, 3} & set(steps):
         _require(sft_hf, "step 1 (SFT)")
-    if 2 not in steps and 3 in steps:
+    if 2 not in steps and 3 in steps and not rule_rewards:
         _require(reward_hf, "step 2 (reward model)")
     summary = _read(os.path.join(out, "summary.json"))
     if jax.process_index() == 0:
@@ -89,24 +98,37 @@ def run_pipeline(cfg, steps=(1, 2, 3)) -> dict:
         result = _step(dirs[2], lambda: reward.run(c2))
         summary["reward"] = {"pairwise_accuracy": result.get("accuracy"), "margin": result.get("margin")}
         _write(out, summary)
-    if 3 in steps:
-        from jaxrl.train.metrics import read_metrics
-
+    if 3 in steps and rule_rewards:
+        _require(sft_hf, "step 1 (SFT)")
+        c3 = apply_overrides(cfg, shared + [f"model.path={sft_hf}"] + list(p.grpo) + [f"output={dirs[3]}"])
+        _step(dirs[3], lambda: grpo.run(c3))
+        summary[cfg.algorithm] = _rl_summary(c3, dirs[3], sft_hf)
+        _write(out, summary)
+    elif 3 in steps:
         _require(sft_hf, "step 1 (SFT)")
         _require(reward_hf, "step 2 (reward model)")
         c3 = apply_overrides(cfg, shared + [f"model.path={sft_hf}", f"model.reward_path={reward_hf}"]
                              + list(p.ppo) + [f"output={dirs[3]}"])
         _step(dirs[3], lambda: ppo.run(c3))
-        logged = [m for m in read_metrics(dirs[3]) if "kl" in m]
-        tail = logged[-max(1, len(logged) // 5):]  # the last fifth of the run: where PPO ended up
-        summary["ppo"] = {
-            **_task_accuracy(c3, sft_hf, "task_accuracy_before", reward_hf, "reward_before"),
-            **_task_accuracy(c3, os.path.join(dirs[3], "hf"), "task_accuracy_after", reward_hf, "reward_after"),
-            "kl": sum(m["kl"] for m in tail) / len(tail),
-            "reward_score_first": logged[0]["reward/score"], "reward_score_last": tail[-1]["reward/score"],
-        }
+        summary["ppo"] = _rl_summary(c3, dirs[3], sft_hf, reward_hf)
         _write(out, summary)
     return summary
+
+
+def _rl_summary(cfg, directory: str, sft_hf: str, reward_hf: str | None = None) -> dict:
+    """Step 3's section of summary.json: task accuracy and reward before (the SFT model) and after, and the
+    mean KL and the rollouts' reward score at the start and over the last fifth of the run. The reward is
+    the reward model's score (PPO) or the reward functions' total (the GRPO family)."""
+    from jaxrl.train.metrics import read_metrics
+
+    logged = [m for m in read_metrics(directory) if "kl" in m]
+    tail = logged[-max(1, len(logged) // 5):]  # the last fifth of the run: where it ended up
+    return {
+        **_task_accuracy(cfg, sft_hf, "task_accuracy_before", reward_hf, "reward_before"),
+        **_task_accuracy(cfg, os.path.join(directory, "hf"), "task_accuracy_after", reward_hf, "reward_after"),
+        "kl": sum(m["kl"] for m in tail) / len(tail),
+        "reward_score_first": logged[0]["reward/score"], "reward_score_last": tail[-1]["reward/score"],
+    }
 
 
 def _step(directory: str, fn) -> dict:
@@ -121,7 +143,8 @@ def _step(directory: str, fn) -> dict:
 
 def _task_accuracy(cfg, model_dir: str, key: str, reward_dir: str | None = None, reward_key: str = "") -> dict:
     """Checker accuracy of sampled answers to held-out prompts (synthetic task only) under `key` and, with
-    `reward_dir`, the reward model's mean score of the same prompt + response sequences under `reward_key`."""
+    `reward_dir`, the reward model's mean score of the same prompt + response sequences under `reward_key`
+    (without one, and with `reward_key` and reward.functions: the functions' mean total reward)."""
     if cfg.data.paths != ("synthetic",):
         return {}
     import jax
@@ -140,9 +163,16 @@ def _task_accuracy(cfg, model_dir: str, key: str, reward_dir: str | None = None,
         out = generate(model, ids, max_new_tokens=cfg.generation.max_new_tokens,
                        temperature=cfg.generation.temperature, top_p=cfg.generation.top_p,
                        top_k=cfg.generation.top_k, seed=cfg.seed + 12345, batch_size=64)
-        result = {key: synthetic.task_accuracy(prompts, [tok.decode(o, skip_special_tokens=True) for o in out])}
+        texts = [tok.decode(o, skip_special_tokens=True) for o in out]
+        result = {key: synthetic.task_accuracy(prompts, texts)}
         if reward_dir is not None:
             result[reward_key] = _mean_score(reward_dir, [p + o for p, o in zip(ids, out)], tok.pad_token_id or 0)
+        elif reward_key and cfg.reward.functions:  # the GRPO family's reward: the functions' total
+            from jaxrl.rewards.runner import RewardRunner
+
+            with RewardRunner(cfg.reward) as rewards:
+                scores, _ = rewards(prompts, texts)
+            result[reward_key] = float(scores.mean())
     return result
 
 
