@@ -26,12 +26,12 @@ from jaxrl.config import RunConfig
 from jaxrl.errors import JaxrlError
 from jaxrl.generation import decode, prefill
 from jaxrl.parallel.sharding import DATA_AXES
-from jaxrl.steps import ppo, reward, sft
+from jaxrl.steps import grpo, ppo, reward, sft
 from jaxrl.steps import role as role_lib
 from jaxrl.steps.role import Role
 from jaxrl.train import build
 
-STEPS = ("sft", "reward", "ppo")
+STEPS = ("sft", "reward", "ppo", "grpo")  # grpo: the config's algorithm of the GRPO family
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +64,8 @@ def plan(cfg: RunConfig, step: str) -> list[RoleMemory]:
     if step in ("sft", "reward"):
         (only,) = (sft if step == "sft" else reward).roles(cfg, mesh)
         return [train_memory(only, cfg, mesh)[0]]
+    if step == "grpo":
+        return _grpo(cfg, mesh)
     declared = ppo.roles(cfg, mesh)
     actor, actor_trainer = train_memory(declared["actor"], cfg, mesh)
     if cfg.ppo.ema > 0:  # the EMA copy of the actor's parameters lives beside them
@@ -71,6 +73,20 @@ def plan(cfg: RunConfig, step: str) -> list[RoleMemory]:
     critic, _ = train_memory(declared["critic"], cfg, mesh)
     frozen = [forward_memory(declared[name], cfg, mesh) for name in ("reference", "reward") if name in declared]
     rows = [actor, critic, *frozen, *generation_memory(cfg, declared["actor"], actor_trainer, mesh)]
+    total = sum(r.resident for r in rows)
+    return [dataclasses.replace(r, others=total - r.resident) for r in rows]
+
+
+def _grpo(cfg: RunConfig, mesh) -> list[RoleMemory]:
+    """The GRPO family's roles (`grpo.roles`): the actor, the reference and reward model when declared, and
+    the Hybrid Engine's generation; all resident for the whole run, like PPO's."""
+    if cfg.algorithm == "ppo":
+        raise JaxrlError("--step grpo plans the config's GRPO-family algorithm, but algorithm is ppo; "
+                         "set algorithm=grpo (or dr_grpo, dapo, gspo, rloo, reinforce_pp) or plan --step ppo")
+    declared = grpo.roles(cfg, mesh)
+    actor, actor_trainer = train_memory(declared["actor"], cfg, mesh)
+    frozen = [forward_memory(declared[name], cfg, mesh) for name in ("reference", "reward") if name in declared]
+    rows = [actor, *frozen, *generation_memory(cfg, declared["actor"], actor_trainer, mesh)]
     total = sum(r.resident for r in rows)
     return [dataclasses.replace(r, others=total - r.resident) for r in rows]
 
