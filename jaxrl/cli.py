@@ -18,6 +18,8 @@ COMMANDS = {
     "reward": ("jaxrl.commands.train", "step 2: reward-model training (pairwise loss)"),
     "ppo": ("jaxrl.commands.train", "step 3: PPO RLHF through the Hybrid Engine"),
     "dpo": ("jaxrl.commands.train", "offline preference training: DPO, cDPO, IPO, hinge, SimPO"),
+    "rl": ("jaxrl.commands.train", "step 3 with the config's `algorithm` (ppo, grpo, dr_grpo, dapo, gspo, rloo, ...)"),
+    "grpo": ("jaxrl.commands.train", "step 3 with GRPO (algorithm=grpo unless the config names another)"),
     "pipeline": ("jaxrl.commands.pipeline", "all three steps, each feeding the next"),
     "generate": ("jaxrl.commands.generate", "generate text from an HF directory"),
     "chat": ("jaxrl.commands.chat", "interactive chat with an HF directory"),

@@ -25,6 +25,7 @@ from jaxrl.config_loader import check_positive as _check_positive
 from jaxrl.config_loader import section as _section
 from jaxrl.config_loader import sub as _sub
 from jaxrl.errors import ConfigValueError
+from jaxrl.rewards.config import RewardFunctionsConfig
 
 __all__ = ["RunConfig", "load_config", "apply_overrides", "save_yaml", "from_dict", "to_dict", "config_keys"]
 
@@ -342,14 +343,23 @@ class SftSection:
 
 
 @_section
-class RewardSection:
-    """Step 2: the reward model (pairwise loss -log sigmoid(r_chosen - r_rejected - margin))."""
+class RewardSection(RewardFunctionsConfig):
+    """Rewards. Step 2 reads `margin` (the reward model's pairwise loss -log sigmoid(r_chosen - r_rejected -
+    margin)); step 3 of the GRPO family (`algorithm` other than ppo) reads the rule rewards: `functions`,
+    `weights`, `timeout_s`, `on_error`, `workers` (`jaxrl.rewards.config.RewardFunctionsConfig`, run by
+    `jaxrl.rewards.RewardRunner`), plus a learned reward model at model.reward_path weighted by `model_weight`."""
 
     # Margin required between the chosen and the rejected reward; 0: the plain pairwise loss.
     margin: float = 0.0
+    # GRPO family: weight of the learned reward model's score (model.reward_path) in the total reward;
+    # used only when model.reward_path is set.
+    model_weight: float = 1.0
 
     def __post_init__(self):
+        super().__post_init__()
         _check(self.margin >= 0, "margin", f"must be >= 0, got {self.margin}")
+        _check(self.model_weight == self.model_weight and abs(self.model_weight) < float("inf"), "model_weight",
+               f"must be a finite number, got {self.model_weight}")
 
 
 @_section
@@ -488,6 +498,102 @@ class PpoSection:
                "coefficient); start from a ppo.kl_coef > 0 or turn adaptive_kl off")
 
 
+# Step 3's algorithm: PPO with a critic and a learned reward, one of the GRPO family (no critic, G samples
+# per prompt, rewards from `reward.functions` and/or model.reward_path), or DPO (offline, on preference pairs).
+Algorithm = Literal["ppo", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp", "dpo"]
+GRPO_FAMILY = ("grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp")
+Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
+
+# The GRPO family's defaults: what a `grpo.*` key left unset (null) means under each algorithm.
+#   grpo          DeepSeekMath: group std normalisation, symmetric clip, per-sequence mean, k3 KL in the loss.
+#   dr_grpo       Dr. GRPO: no std division, a constant length normaliser, no KL.
+#   dapo          DAPO: clip-higher (0.2 / 0.28), token mean, dynamic sampling, overlong shaping, no KL.
+#   gspo          GSPO: sequence-level ratio with the paper's small clip range (3e-4 / 4e-4), no KL.
+#   rloo          RLOO: leave-one-out baseline, token mean, k1 KL in the reward.
+#   reinforce_pp  REINFORCE++: k1 KL in the per-token reward, returns whitened over the batch, token mean.
+# overlong_buffer: DAPO's L_cache, here a fifth of generation.max_new_tokens (-1 below: resolved then).
+GRPO_DEFAULTS = {
+    "grpo": dict(clip_low=0.2, clip_high=0.2, loss_agg="seq_mean_token_mean", kl_coef=0.04, kl_in="loss",
+                 kl_estimator="k3", dynamic_sampling=False, overlong_buffer=0),
+    "dr_grpo": dict(clip_low=0.2, clip_high=0.2, loss_agg="seq_mean_token_sum_norm", kl_coef=0.0, kl_in="loss",
+                    kl_estimator="k3", dynamic_sampling=False, overlong_buffer=0),
+    "dapo": dict(clip_low=0.2, clip_high=0.28, loss_agg="token_mean", kl_coef=0.0, kl_in="loss",
+                 kl_estimator="k3", dynamic_sampling=True, overlong_buffer=-1),
+    "gspo": dict(clip_low=3e-4, clip_high=4e-4, loss_agg="seq_mean_token_mean", kl_coef=0.0, kl_in="loss",
+                 kl_estimator="k3", dynamic_sampling=False, overlong_buffer=0),
+    "rloo": dict(clip_low=0.2, clip_high=0.2, loss_agg="token_mean", kl_coef=0.01, kl_in="reward",
+                 kl_estimator="k1", dynamic_sampling=False, overlong_buffer=0),
+    "reinforce_pp": dict(clip_low=0.2, clip_high=0.2, loss_agg="token_mean", kl_coef=0.01, kl_in="reward",
+                         kl_estimator="k1", dynamic_sampling=False, overlong_buffer=0),
+}
+
+
+@_section
+class GrpoSection:
+    """Step 3 for the GRPO family (`algorithm` other than ppo). A key left null takes the algorithm's
+    default (`GRPO_DEFAULTS`; `resolve`). The rollout and update shape is PPO's: ppo.rollout_batch_size
+    rows per generation batch (= prompts x group_size), ppo.generation_batches, ppo.epochs,
+    ppo.mini_batches, ppo.eval_prompts."""
+
+    # Samples per prompt, G >= 2; a group's G rows are consecutive and share the prompt's baseline.
+    group_size: int = 4
+    # The importance ratio is clipped to [1 - clip_low, 1 + clip_high] (GSPO: the sequence ratio).
+    clip_low: float | None = None
+    clip_high: float | None = None
+    # Dual clip c > 1: for negative advantages the per-token loss is at most -A * c; 0: off (not with gspo).
+    clip_ratio_c: float = 0.0
+    # How per-token losses become one number: token_mean (over the step's global response tokens),
+    # seq_mean_token_mean (each sequence alike), seq_mean_token_sum_norm (sums over a constant length).
+    loss_agg: Aggregation | None = None
+    # KL(pi || pi_ref) weight; 0: no KL and no reference model loaded.
+    kl_coef: float | None = None
+    # Where the KL goes: 'loss' (GRPO: + kl_coef * KL estimate) or 'reward' (subtracted from each token's
+    # reward before the advantages, as PPO does; the GRPO estimators then see score - kl_coef * sum_t kl_t).
+    kl_in: Literal["loss", "reward"] | None = None
+    # KL estimator: k1 = log(p/q), k2 = (log(p/q))^2 / 2, k3 = q/p - 1 - log(q/p); k2 only in the loss.
+    kl_estimator: Literal["k1", "k2", "k3"] | None = None
+    # DAPO dynamic sampling: drop groups whose rewards are all equal and sample more prompts until the batch
+    # is full, at most max_extra_rounds more generation rounds (then all-equal groups fill the rest).
+    dynamic_sampling: bool | None = None
+    max_extra_rounds: int = 2
+    # DAPO overlong shaping: a penalty rising from 0 to -overlong_factor over the last overlong_buffer
+    # tokens of generation.max_new_tokens; 0: off.
+    overlong_buffer: int | None = None
+    overlong_factor: float = 1.0
+    # Leave responses cut at generation.max_new_tokens (no EOS) out of the loss (DAPO's overlong filtering).
+    filter_truncated: bool = False
+    # Truncated importance sampling of the sampler / trainer mismatch: each token's loss times
+    # min(pi_trainer / pi_sampler, tis_cap); 0: off.
+    tis_cap: float = 0.0
+    # Use the sampler's log-probs as the old log-probs (one actor forward less per step); only when the
+    # generation and compute dtypes are equal (generation.dtype == precision.compute).
+    reuse_sampler_logprobs: bool = False
+    # Added to the group std (grpo, dapo, gspo) before dividing.
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        _check_positive(self, "group_size", minimum=2)
+        _check_positive(self, "max_extra_rounds", minimum=0)
+        for name in ("clip_low", "clip_high", "kl_coef", "overlong_buffer"):
+            value = getattr(self, name)
+            _check(value is None or value >= 0, name, f"must be >= 0, got {value}")
+        _check(self.clip_low is None or self.clip_low < 1, "clip_low", f"must be < 1, got {self.clip_low}")
+        _check(self.clip_ratio_c == 0 or self.clip_ratio_c > 1, "clip_ratio_c",
+               f"must be 0 (off) or > 1, got {self.clip_ratio_c}")
+        _check(self.tis_cap == 0 or self.tis_cap >= 1, "tis_cap", f"must be 0 (off) or >= 1, got {self.tis_cap}")
+        _check(self.overlong_factor >= 0, "overlong_factor", f"must be >= 0, got {self.overlong_factor}")
+        _check(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        _check(not (self.kl_estimator == "k2" and self.kl_in == "reward"), "kl_estimator",
+               "is k2, which is a loss term only; use k1 or k3 with grpo.kl_in=reward")
+
+    def resolve(self, algorithm: str, max_new_tokens: int) -> "GrpoSection":
+        """This section with every null key set to `algorithm`'s default (`GRPO_DEFAULTS`)."""
+        defaults = dict(GRPO_DEFAULTS[algorithm])
+        if defaults["overlong_buffer"] < 0:
+            defaults["overlong_buffer"] = max(1, max_new_tokens // 5)
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+
 @_section
 class DistributedSection:
     """Multi-process start-up (`jax.distributed.initialize`); the defaults auto-detect or run alone."""
@@ -518,6 +624,9 @@ class PipelineSection:
     ppo: tuple[str, ...] = ()
     # Overrides for step 3 when algorithm=dpo (DPO on the preference pairs, in place of steps 2 and 3).
     dpo: tuple[str, ...] = ()
+    # Overrides for step 3 when `algorithm` is one of the GRPO family (grpo, dr_grpo, dapo, gspo, rloo,
+    # reinforce_pp), instead of `ppo`.
+    grpo: tuple[str, ...] = ()
     # Held-out prompts sampled for the task-accuracy and reward-score figures of summary.json (synthetic task).
     eval_prompts: int = 256
 
@@ -543,9 +652,11 @@ class RunConfig:
     sft: SftSection = _sub(SftSection)
     reward: RewardSection = _sub(RewardSection)
     ppo: PpoSection = _sub(PpoSection)
+    # Step 3's algorithm (`jaxrl rl` runs it; `jaxrl ppo`, `jaxrl grpo` and `jaxrl dpo` are shorthands); in
+    # `jaxrl pipeline`, dpo replaces steps 2 and 3 and the GRPO family replaces step 2's reward model.
+    algorithm: Algorithm = "ppo"
+    grpo: GrpoSection = _sub(GrpoSection)
     dpo: DpoSection = _sub(DpoSection)
-    # Step 3 of `jaxrl pipeline`: ppo (reward model, then PPO) or dpo (DPO on the preference pairs).
-    algorithm: Literal["ppo", "dpo"] = "ppo"
     distributed: DistributedSection = _sub(DistributedSection)
     pipeline: PipelineSection = _sub(PipelineSection)
     # The run's seed (parameters, data order, sampling).
@@ -562,3 +673,26 @@ class RunConfig:
                f"({self.train.batch_size}) must be divisible by optim.grad_accum ({accum})")
         _check(self.ppo.ptx_coef == 0 or bool(self.data.ptx_path), "ppo.ptx_coef",
                f"is {self.ppo.ptx_coef} but data.ptx_path is empty: name the pre-training data or set it to 0")
+        if self.algorithm in GRPO_FAMILY:
+            self._check_grpo()
+
+    def _check_grpo(self) -> None:
+        g, rows = self.grpo, self.ppo.rollout_batch_size
+        _check(self.ppo.ptx_coef == 0, "ppo.ptx_coef",
+               f"is {self.ppo.ptx_coef} but algorithm={self.algorithm} has no ptx loss; set it to 0")
+        _check(rows % g.group_size == 0, "ppo.rollout_batch_size",
+               f"({rows}) must be a whole number of groups of grpo.group_size={g.group_size} (it counts "
+               f"sequences: prompts x group_size); make it a multiple of {g.group_size}")
+        _check(not (g.reuse_sampler_logprobs and self.generation.dtype != self.precision.compute),
+               "grpo.reuse_sampler_logprobs", f"needs generation.dtype ({self.generation.dtype}) equal to "
+               f"precision.compute ({self.precision.compute}): the sampler's log-probs are then the trainer's")
+        r = g.resolve(self.algorithm, self.generation.max_new_tokens)
+        _check(not (self.algorithm == "gspo" and g.clip_ratio_c), "grpo.clip_ratio_c",
+               "is set but gspo clips the sequence ratio, without a dual clip; set it to 0")
+        _check(r.overlong_buffer <= self.generation.max_new_tokens, "grpo.overlong_buffer",
+               f"({r.overlong_buffer}) must be <= generation.max_new_tokens ({self.generation.max_new_tokens})")
+        _check(r.kl_in == "loss" or r.kl_estimator != "k2", "grpo.kl_estimator",
+               "is k2, which is a loss term only; use k1 or k3 when the KL is in the reward")
+        _check(bool(self.reward.functions) or bool(self.model.reward_path), "reward.functions",
+               f"is empty and model.reward_path is not set: algorithm={self.algorithm} needs a reward, e.g. "
+               "reward.functions=[math_answer] (or synthetic_task on the synthetic data)")

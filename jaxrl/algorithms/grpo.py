@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxrl.algorithms.ppo import gae, kl_penalty, last_valid_onehot, masked_mean, whiten
+from jaxrl.algorithms.ppo import gae, kl_penalty, last_valid_onehot, masked_mean, response_logprobs, whiten
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -428,3 +428,68 @@ def logprob_mismatch(sampler_logprobs, trainer_logprobs, mask, *, band: float = 
         "mismatch/mean_abs": masked_mean(abs_delta, maskf),
         "mismatch/frac_outside": masked_mean(outside, maskf),
     }
+
+
+# ---------------------------------------------------------------------------------------------------
+# The actor's loss and the advantages of one rollout batch (what the step functions call)
+
+
+def actor_loss(model, batch, *, prompt_len: int, policy: str, clip_low: float, clip_high: float,
+               clip_ratio_c: float | None, agg: str, max_len: int, shards: int, kl_coef: float = 0.0,
+               kl_estimator: str = "k3"):
+    """The GRPO family's actor loss on one micro-batch.
+
+        loss = policy_loss(agg) + kl_coef * kl_loss(agg)           (the KL term only with the KL in the loss)
+
+    policy 'clip': `clipped_policy_loss` (GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++); 'gspo': `gspo_loss`.
+    The batch carries `loss_mask` (B, R) (the response mask, less filtered rows), `old_logprobs` and
+    `advantages` (B, R), `global_count` (B,) (every entry: the optimizer step's `aggregation_count`), and
+    optionally `is_weights` (B, R) (`tis_weights`) and `ref_logprobs` (B, R) (KL in the loss).
+    `shards` = data-parallel devices x accumulation micro-batches (see `aggregate`).
+    """
+    mask = batch["loss_mask"]
+    logprobs, _ = response_logprobs(model, batch["seq"], batch["attention_mask"], prompt_len)
+    kw = dict(agg=agg, max_len=max_len, global_count=batch["global_count"][0], shards=shards)
+    if policy == "gspo":
+        loss, metrics = gspo_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask,
+                                  clip_low=clip_low, clip_high=clip_high, **kw)
+    else:
+        loss, metrics = clipped_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask,
+                                            clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c,
+                                            is_weights=batch.get("is_weights"), **kw)
+    if kl_coef > 0:
+        kl, kl_m = kl_loss(logprobs, batch["ref_logprobs"], mask, estimator=kl_estimator, **kw)
+        loss = loss + kl_coef * kl
+        metrics = dict(metrics, kl_loss=kl_m["kl_loss"])
+    return loss, metrics
+
+
+def sequence_advantages(algorithm: str, scores, group_size: int, *, eps: float):
+    """(B,) advantages of outcome scores by `algorithm`'s estimator (all but reinforce_pp):
+    rloo: leave-one-out; dr_grpo: group mean removed; grpo, dapo, gspo: group mean and std."""
+    if algorithm == "rloo":
+        return rloo_advantages(scores, group_size)
+    return grpo_advantages(scores, group_size, eps=eps, scale_by_std=algorithm != "dr_grpo")
+
+
+def rollout_advantages(algorithm: str, scores, logprobs, ref_logprobs, mask, *, group_size: int, eps: float,
+                       kl_coef: float, kl_in: str, kl_estimator: str):
+    """(B, R) advantages of one rollout batch and the (B, R) per-token KL estimate used (0 without a reference).
+
+        kl_in = 'reward':  s_i = score_i - kl_coef * sum_t kl_it    (reinforce_pp: -kl_coef * kl_t per token)
+        kl_in = 'loss':    s_i = score_i                            (the actor loss adds the KL term)
+        A = sequence_advantages(s) on every response token, or REINFORCE++'s whitened returns.
+
+    Call under plain `jit` on the whole rollout batch: groups and REINFORCE++'s whitening span all rows.
+    """
+    maskf = mask.astype(jnp.float32)
+    if ref_logprobs is None:
+        kl = jnp.zeros_like(maskf)
+    else:
+        kl = kl_estimate(logprobs, ref_logprobs, kl_estimator) * maskf
+    in_reward = kl_coef if kl_in == "reward" and ref_logprobs is not None else 0.0
+    if algorithm == "reinforce_pp":
+        advantages, _ = reinforce_pp_advantages(scores, kl, mask, kl_coef=in_reward)
+        return advantages, kl
+    shaped = scores.astype(jnp.float32) - in_reward * jnp.sum(kl, axis=1)
+    return token_advantages(sequence_advantages(algorithm, shaped, group_size, eps=eps), mask), kl

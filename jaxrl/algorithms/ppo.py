@@ -312,6 +312,13 @@ def update_moments(stats, x):
     return total, mean + delta * n / total, m2 + b_m2 + jnp.square(delta) * count * n / total
 
 
+def ended_rows(seq, mask, prompt_len: int, eos_ids: tuple[int, ...]):
+    """(B,) bool: whether each row's response ended with an EOS (False for responses cut at the length
+    limit, and for empty ones). seq: (B, P + R); mask: (B, R)."""
+    last = jnp.take_along_axis(seq[:, prompt_len:], jnp.maximum(mask.sum(1) - 1, 0)[:, None], axis=1)[:, 0]
+    return jnp.isin(last, jnp.asarray(eos_ids)) & (mask.sum(1) > 0)
+
+
 def experience(actor, ref, critic, reward, batch, *, prompt_len: int, kl_coef, kl_estimator: str,
                clip_reward: float, gamma: float, lam: float, whiten_advantages: bool, eos_ids: tuple[int, ...],
                score_stats=None):
@@ -334,8 +341,7 @@ def experience(actor, ref, critic, reward, batch, *, prompt_len: int, kl_coef, k
     ref_lp = None if ref is None else response_logprobs(ref, seq, attn, prompt_len)[0]
     values = response_values(critic, seq, attn, prompt_len)
     score = reward.sequence_score(seq, attn)
-    last = jnp.take_along_axis(seq[:, prompt_len:], jnp.maximum(mask.sum(1) - 1, 0)[:, None], axis=1)[:, 0]
-    ended = jnp.isin(last, jnp.asarray(eos_ids)) & (mask.sum(1) > 0)
+    ended = ended_rows(seq, mask, prompt_len, eos_ids)
     raw_score = score
     if score_stats is not None:
         score_stats = update_moments(score_stats, score.astype(jnp.float32))

@@ -5,6 +5,11 @@ preference pairs (no reward model: step 2 is not run).
 Layout: OUTPUT/step1_sft, OUTPUT/step2_reward, OUTPUT/step3_<algorithm> (each a normal run directory with
 its hf/ export), OUTPUT/data (the synthetic dataset, when used). A finished step leaves `done.json` and is
 skipped on a rerun; an interrupted one resumes from its checkpoints.
+
+With `algorithm=` one of the GRPO family (grpo, dapo, rloo, ...), step 3 runs that algorithm in
+OUTPUT/step3_<algorithm> with `reward.functions` as its reward (the embedded default: the synthetic
+task's checker) and `pipeline.grpo` as its overrides; there is no step 2, and summary.json's step-3
+section is named after the algorithm, with the keys of "ppo".
 """
 
 from __future__ import annotations
@@ -66,21 +71,20 @@ def run_pipeline(cfg, steps=(1, 2, 3)) -> dict:
     import jax
 
     from jaxrl.config import apply_overrides, save_yaml
-    from jaxrl.steps import dpo as dpo_step
-    from jaxrl.steps import ppo, reward, sft
+    from jaxrl.steps import reward, sft
 
     out = cfg.output
+    trains_reward_model = cfg.algorithm == "ppo"  # DPO and the GRPO family have no step 2
+    if not trains_reward_model:
+        steps = _without_reward_step(steps, cfg.algorithm)
     dirs = {i: os.path.join(out, d.format(algorithm=cfg.algorithm)) for i, d in STEP_DIRS.items()}
     shared = [f"data.cache_dir={cfg.data.cache_dir or os.path.join(out, 'data')}"]
     sft_hf, reward_hf = os.path.join(dirs[1], "hf"), os.path.join(dirs[2], "hf")
     p = cfg.pipeline
-    dpo = cfg.algorithm == "dpo"
-    if dpo:
-        steps = _without_reward_step(steps)
     # A step this run does not make must already be there, checked before anything is written.
     if 1 not in steps and {2, 3} & set(steps):
         _require(sft_hf, "step 1 (SFT)")
-    if 2 not in steps and 3 in steps and not dpo:
+    if 2 not in steps and 3 in steps and trains_reward_model:
         _require(reward_hf, "step 2 (reward model)")
     summary = _read(os.path.join(out, "summary.json"))
     if jax.process_index() == 0:
@@ -97,27 +101,44 @@ def run_pipeline(cfg, steps=(1, 2, 3)) -> dict:
         result = _step(dirs[2], lambda: reward.run(c2))
         summary["reward"] = {"pairwise_accuracy": result.get("accuracy"), "margin": result.get("margin")}
         _write(out, summary)
-    if 3 in steps and dpo:
+    if 3 in steps:
         _require(sft_hf, "step 1 (SFT)")
-        c3 = apply_overrides(cfg, shared + [f"model.path={sft_hf}"] + list(p.dpo) + [f"output={dirs[3]}"])
-        result = _step(dirs[3], lambda: dpo_step.run(c3))
-        summary["dpo"] = _dpo_summary(c3, sft_hf, dirs[3], result)
-        _write(out, summary)
-    elif 3 in steps:
-        from jaxrl.train.metrics import read_metrics
-
-        _require(sft_hf, "step 1 (SFT)")
-        _require(reward_hf, "step 2 (reward model)")
-        c3 = apply_overrides(cfg, shared + [f"model.path={sft_hf}", f"model.reward_path={reward_hf}"]
-                             + list(p.ppo) + [f"output={dirs[3]}"])
-        _step(dirs[3], lambda: ppo.run(c3))
-        summary["ppo"] = {
-            **_task_accuracy(c3, sft_hf, "task_accuracy_before", reward_hf, "reward_before"),
-            **_task_accuracy(c3, os.path.join(dirs[3], "hf"), "task_accuracy_after", reward_hf, "reward_after"),
-            **ppo_figures(read_metrics(dirs[3])),
-        }
+        summary[cfg.algorithm] = _step3(cfg, shared + [f"model.path={sft_hf}"], dirs[3], sft_hf, reward_hf)
         _write(out, summary)
     return summary
+
+
+def _step3(cfg, shared: list[str], directory: str, sft_hf: str, reward_hf: str) -> dict:
+    """Step 3 by `cfg.algorithm`, from the SFT model, with its `pipeline.<ppo|dpo|grpo>` overrides; returns
+    its section of summary.json."""
+    from jaxrl.config import apply_overrides
+    from jaxrl.steps import dpo, grpo, ppo
+
+    p, out = cfg.pipeline, [f"output={directory}"]
+    if cfg.algorithm == "dpo":
+        c3 = apply_overrides(cfg, shared + list(p.dpo) + out)
+        return _dpo_summary(c3, sft_hf, directory, _step(directory, lambda: dpo.run(c3)))
+    if cfg.algorithm == "ppo":
+        _require(reward_hf, "step 2 (reward model)")
+        c3 = apply_overrides(cfg, shared + [f"model.reward_path={reward_hf}"] + list(p.ppo) + out)
+        _step(directory, lambda: ppo.run(c3))
+        return _rl_summary(c3, directory, sft_hf, reward_hf)
+    c3 = apply_overrides(cfg, shared + list(p.grpo) + out)  # the GRPO family: rewards by code
+    _step(directory, lambda: grpo.run(c3))
+    return _rl_summary(c3, directory, sft_hf)
+
+
+def _rl_summary(cfg, directory: str, sft_hf: str, reward_hf: str | None = None) -> dict:
+    """Step 3's section of summary.json for PPO and the GRPO family: task accuracy and reward before (the
+    SFT model) and after, and `ppo_figures` of the run. The reward is the reward model's score (PPO) or
+    the reward functions' total (the GRPO family)."""
+    from jaxrl.train.metrics import read_metrics
+
+    return {
+        **_task_accuracy(cfg, sft_hf, "task_accuracy_before", reward_hf, "reward_before"),
+        **_task_accuracy(cfg, os.path.join(directory, "hf"), "task_accuracy_after", reward_hf, "reward_after"),
+        **ppo_figures(read_metrics(directory)),
+    }
 
 
 def ppo_figures(records: list[dict]) -> dict:
@@ -137,12 +158,14 @@ def ppo_figures(records: list[dict]) -> dict:
             "reward_score_first": scores[0] if scores else None, "reward_score_last": scores[-1] if scores else None}
 
 
-def _without_reward_step(steps: tuple[int, ...]) -> tuple[int, ...]:
-    """algorithm=dpo trains on the preference pairs directly: no reward model, so no step 2."""
+def _without_reward_step(steps: tuple[int, ...], algorithm: str) -> tuple[int, ...]:
+    """DPO trains on the preference pairs directly and the GRPO family scores with reward functions: no
+    reward model, so no step 2."""
     from jaxrl.errors import JaxrlError
 
     if steps == (2,):
-        raise JaxrlError("--steps 2: algorithm=dpo trains no reward model; run --steps 1,3 (SFT, then DPO)")
+        raise JaxrlError(f"--steps 2: algorithm={algorithm} trains no reward model; run --steps 1,3 (SFT, then "
+                         f"{algorithm.upper()})")
     return tuple(s for s in steps if s != 2)
 
 
@@ -175,7 +198,8 @@ def _step(directory: str, fn) -> dict:
 
 def _task_accuracy(cfg, model_dir: str, key: str, reward_dir: str | None = None, reward_key: str = "") -> dict:
     """Checker accuracy of sampled answers to held-out prompts (synthetic task only) under `key` and, with
-    `reward_dir`, the reward model's mean score of the same prompt + response sequences under `reward_key`."""
+    `reward_dir`, the reward model's mean score of the same prompt + response sequences under `reward_key`
+    (without one, and with `reward_key` and reward.functions: the functions' mean total reward)."""
     if cfg.data.paths != ("synthetic",):
         return {}
     import jax
@@ -194,9 +218,16 @@ def _task_accuracy(cfg, model_dir: str, key: str, reward_dir: str | None = None,
         out = generate(model, ids, max_new_tokens=cfg.generation.max_new_tokens,
                        temperature=cfg.generation.temperature, top_p=cfg.generation.top_p,
                        top_k=cfg.generation.top_k, seed=cfg.seed + 12345, batch_size=64)
-        result = {key: synthetic.task_accuracy(prompts, [tok.decode(o, skip_special_tokens=True) for o in out])}
+        texts = [tok.decode(o, skip_special_tokens=True) for o in out]
+        result = {key: synthetic.task_accuracy(prompts, texts)}
         if reward_dir is not None:
             result[reward_key] = _mean_score(reward_dir, [p + o for p, o in zip(ids, out)], tok.pad_token_id or 0)
+        elif reward_key and cfg.reward.functions:  # the GRPO family's reward: the functions' total
+            from jaxrl.rewards.runner import RewardRunner
+
+            with RewardRunner(cfg.reward) as rewards:
+                scores, _ = rewards(prompts, texts)
+            result[reward_key] = float(scores.mean())
     return result
 
 

@@ -13,7 +13,7 @@ import re
 
 from jaxrl.errors import JaxrlError
 
-STEPS = ("sft", "reward", "ppo", "dpo")  # jaxrl.steps.plan.STEPS, here so --help imports nothing
+STEPS = ("sft", "reward", "ppo", "grpo", "dpo")  # jaxrl.steps.plan.STEPS, here so --help imports nothing
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS.update({p: 1024 ** (i + 1) for i, u in enumerate("kmgt") for p in (u, f"{u}i", f"{u}ib")})
 
@@ -22,7 +22,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", help="YAML file overriding config fields (default: the built-in defaults)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     parser.add_argument("--step", choices=STEPS,
-                        help="which step to plan (default: ppo when model.reward_path is set, else sft)")
+                        help="which step to plan (default: grpo when algorithm is of the GRPO family, ppo when "
+                             "model.reward_path is set, else sft)")
     parser.add_argument("--device-memory", metavar="SIZE",
                         help="memory of one device, e.g. 16GiB, 512MiB, 8GB (default: what the devices report)")
     parser.add_argument("--devices", type=int, metavar="N",
@@ -56,7 +57,8 @@ def run(args) -> int:
     from jaxrl.train.build import training_mesh
 
     cfg = load_config(args.config, args.overrides)
-    step = args.step or ("ppo" if cfg.model.reward_path else "sft")
+    alg = cfg.algorithm
+    step = args.step or (alg if alg == "dpo" else "grpo" if alg != "ppo" else "ppo" if cfg.model.reward_path else "sft")
     roles = plan(cfg, step)
     source = "--device-memory"
     if limit is None:
@@ -146,7 +148,7 @@ def _advice(too_big, limit: int, source: str, cfg, step: str) -> str:
     kinds = {r.kind for r in too_big}
     if "generation" in kinds:
         fixes.append(f"raise generation.mesh.tensor (now {cfg.generation.mesh.tensor})")
-    if step == "ppo":
+    if step in ("ppo", "grpo"):
         fixes.append("lower ppo.rollout_batch_size (or raise ppo.mini_batches) or generation.max_new_tokens")
     else:
         fixes.append("lower train.batch_size (or raise optim.grad_accum) or data.max_len")

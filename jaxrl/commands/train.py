@@ -1,4 +1,6 @@
-"""`jaxrl sft`, `jaxrl reward`, `jaxrl ppo`, `jaxrl dpo`: reads the config, then runs the step (`jaxrl.steps.<name>.run`)."""
+"""`jaxrl sft`, `jaxrl reward`, `jaxrl ppo`, `jaxrl dpo`, `jaxrl rl`, `jaxrl grpo`: reads the config, then
+runs the step (`jaxrl.steps.<name>.run`; step 3 by `algorithm`: `steps.ppo`, `steps.dpo`, or `steps.grpo` for
+the GRPO family)."""
 
 from __future__ import annotations
 
@@ -21,10 +23,24 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     cfg = load_run_config(args)  # first: it starts the distributed runtime before anything touches devices
-    from jaxrl.steps import dpo, ppo, reward, sft
+    from jaxrl.errors import JaxrlError
+    from jaxrl.steps import dpo, reward, sft
 
-    {"sft": sft.run, "reward": reward.run, "ppo": ppo.run, "dpo": dpo.run}[args.command](cfg)
+    if args.command in ("sft", "reward", "dpo"):
+        {"sft": sft.run, "reward": reward.run, "dpo": dpo.run}[args.command](cfg)
+        return 0
+    if args.command == "ppo" and cfg.algorithm != "ppo":
+        raise JaxrlError(f"`jaxrl ppo` runs PPO but the config says algorithm={cfg.algorithm}; "
+                         "use `jaxrl rl` to run the config's algorithm")
+    run_rl(cfg)
     return 0
+
+
+def run_rl(cfg):
+    """Step 3 by `cfg.algorithm`: PPO, DPO, or one of the GRPO family."""
+    from jaxrl.steps import dpo, grpo, ppo
+
+    return {"ppo": ppo.run, "dpo": dpo.run}.get(cfg.algorithm, grpo.run)(cfg)
 
 
 def load_run_config(args):
@@ -43,6 +59,9 @@ def load_run_config(args):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     overrides = list(args.overrides) + ([f"output={args.output}"] if args.output else [])
     cfg = load_config(args.config, overrides)
+    if getattr(args, "command", None) == "grpo" and cfg.algorithm == "ppo":  # `jaxrl grpo`: unless named
+        overrides = ["algorithm=grpo"] + overrides
+        cfg = load_config(args.config, overrides)
     d = cfg.distributed
     initialize_distributed(d.coordinator, d.num_processes, d.process_id)  # before anything touches devices
     m = cfg.mesh  # the training mesh must fit the devices before anything is built or written

@@ -23,16 +23,16 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrl.config import RunConfig
+from jaxrl.config import GRPO_FAMILY, RunConfig
 from jaxrl.errors import JaxrlError
 from jaxrl.generation import decode, prefill
 from jaxrl.parallel.sharding import DATA_AXES
-from jaxrl.steps import dpo, ppo, reward, sft
+from jaxrl.steps import dpo, grpo, ppo, reward, sft
 from jaxrl.steps import role as role_lib
 from jaxrl.steps.role import Role
 from jaxrl.train import build
 
-STEPS = ("sft", "reward", "ppo", "dpo")
+STEPS = ("sft", "reward", "ppo", "grpo", "dpo")  # grpo: the config's algorithm of the GRPO family
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +69,8 @@ def plan(cfg: RunConfig, step: str) -> list[RoleMemory]:
         return [train_memory(only, cfg, mesh)[0]]
     if step == "dpo":
         return dpo_memory(cfg, mesh)
+    if step == "grpo":
+        return _grpo(cfg, mesh)
     declared = ppo.roles(cfg, mesh)
     actor, actor_trainer = train_memory(declared["actor"], cfg, mesh)
     if cfg.ppo.ema > 0:  # the EMA copy of the actor's parameters lives beside them
@@ -99,6 +101,18 @@ def dpo_memory(cfg: RunConfig, mesh) -> list[RoleMemory]:
     if cfg.dpo.precompute_ref:
         return [policy, row]
     return [dataclasses.replace(policy, others=row.resident), dataclasses.replace(row, others=policy.resident)]
+def _grpo(cfg: RunConfig, mesh) -> list[RoleMemory]:
+    """The GRPO family's roles (`grpo.roles`): the actor, the reference and reward model when declared, and
+    the Hybrid Engine's generation; all resident for the whole run, like PPO's."""
+    if cfg.algorithm not in GRPO_FAMILY:
+        raise JaxrlError("--step grpo plans the config's GRPO-family algorithm, but algorithm is ppo; "
+                         "set algorithm=grpo (or dr_grpo, dapo, gspo, rloo, reinforce_pp) or plan --step ppo")
+    declared = grpo.roles(cfg, mesh)
+    actor, actor_trainer = train_memory(declared["actor"], cfg, mesh)
+    frozen = [forward_memory(declared[name], cfg, mesh) for name in ("reference", "reward") if name in declared]
+    rows = [actor, *frozen, *generation_memory(cfg, declared["actor"], actor_trainer, mesh)]
+    total = sum(r.resident for r in rows)
+    return [dataclasses.replace(r, others=total - r.resident) for r in rows]
 
 
 def train_memory(role: Role, cfg: RunConfig, mesh):

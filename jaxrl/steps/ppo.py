@@ -172,6 +172,29 @@ def sampler(cfg: RunConfig, arch, tokenizer=None, *, temperature=None) -> Sample
                          else temperature, top_k=g.top_k, top_p=g.top_p, eos_ids=tuple(eos), pad_id=pad)
 
 
+def rollout(hybrid: HybridEngine, actor_state, prompts: dict, rng, sampler: SamplerConfig, train_sharding) -> dict:
+    """One rollout batch: generated on the generation mesh from a fresh generation copy of the actor (then
+    dropped), moved device to device onto the training mesh.
+
+    Returns `seq`, `attention_mask` (B, P + R) int32 (prompt + response), `response_mask` (B, R) int32 and
+    `sampler_logprobs` (B, R) fp32 (the sampler's log pi of each generated token under the raw logits,
+    0 off the mask).
+    """
+    with jax.set_mesh(hybrid.mesh):
+        gen = build.to_device({k: prompts[k] for k in ("input_ids", "attention_mask")}, hybrid.batch_sharding)
+        model = hybrid.generation_copy(actor_state.params, actor_state.frozen)
+        out = generate_batch(model, gen["input_ids"], gen["attention_mask"], sampler, rng,
+                             batch_sharding=hybrid.batch_sharding)
+        del model  # the generation copy's memory goes back to training
+    batch = {
+        "seq": jnp.concatenate([gen["input_ids"], out["tokens"]], axis=1),
+        "attention_mask": jnp.concatenate([gen["attention_mask"], out["mask"]], axis=1),
+        "response_mask": out["mask"],
+        "sampler_logprobs": out["logprobs"],
+    }
+    return settle(jax.device_put(batch, train_sharding))  # device to device onto the training mesh
+
+
 class PPO:
     """Rollouts and updates for the shared loop; state = {'actor', 'critic', 'ema'}."""
 
@@ -246,19 +269,9 @@ class PPO:
 
     def rollout(self, actor_state, prompts: dict, rng, *, sampler: SamplerConfig | None = None) -> dict:
         """Generates on the generation mesh from a fresh generation copy of the actor, then drops it."""
-        hybrid = self.roles.hybrid
-        with jax.set_mesh(hybrid.mesh):
-            gen = build.to_device(prompts, hybrid.batch_sharding)
-            model = hybrid.generation_copy(actor_state.params, actor_state.frozen)
-            out = generate_batch(model, gen["input_ids"], gen["attention_mask"], sampler or self.sampler, rng,
-                                 batch_sharding=hybrid.batch_sharding)
-            del model  # the generation copy's memory goes back to training
-        batch = {
-            "seq": jnp.concatenate([gen["input_ids"], out["tokens"]], axis=1),
-            "attention_mask": jnp.concatenate([gen["attention_mask"], out["mask"]], axis=1),
-            "response_mask": out["mask"],
-        }
-        return settle(jax.device_put(batch, self.train_sharding))  # device to device onto the training mesh
+        batch = rollout(self.roles.hybrid, actor_state, prompts, rng, sampler or self.sampler, self.train_sharding)
+        del batch["sampler_logprobs"]  # PPO's old log-probs come from the training forward
+        return batch
 
     def score(self, state, batch):
         a, c = state["actor"], state["critic"]

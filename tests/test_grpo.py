@@ -1,0 +1,129 @@
+"""The GRPO family end to end on a tiny random model: one GRPO step on 8 devices (ZeRO-3 over fsdp=8, the
+Hybrid Engine generating on data=4 x tensor=2, two accumulated mini-batches, through `jaxrl grpo`) against
+1 device and one mini-batch, with token-mean aggregation; reward functions that raise or return NaN inside
+the run; `jaxrl plan --step grpo`; and the config's errors."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxrl import cli
+from jaxrl.config import load_config
+from jaxrl.data import synthetic
+from jaxrl.errors import JaxrlError
+from jaxrl.models.hf import load_pretrained, save_pretrained
+from jaxrl.models.transformer import Transformer
+from jaxrl.parallel.mesh import make_mesh
+from jaxrl.rewards.runner import RewardRunner
+from jaxrl.steps import grpo, ppo
+from jaxrl.train import build
+
+ROWS, GROUP = 16, 4  # four prompts x four samples
+
+
+def overrides(root):
+    return [
+        f"model.path={root}/sft", "data.max_prompt_len=8", "data.max_len=16", "generation.max_new_tokens=4",
+        "generation.temperature=1.0", "algorithm=grpo", f"grpo.group_size={GROUP}", "grpo.loss_agg=token_mean",
+        "grpo.kl_coef=0.1", "grpo.tis_cap=2.0", f"ppo.rollout_batch_size={ROWS}", "ppo.eval_prompts=0",
+        # varied rewards (completion lengths), one NaN row and a function that always raises
+        "reward.functions=[reward_fixtures:length, reward_fixtures:nan_first, reward_fixtures:raises]",
+        "reward.weights=[1.0, 0.5, 1.0]", "reward.on_error=-1.0", "reward.workers=1",
+        "optim.lr=1e-3", "optim.eps=1e-4", "optim.warmup_steps=0", "train.steps=1", "train.log_every=1", "seed=0",
+    ]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo")
+    tok = synthetic.build_tokenizer()
+    model = Transformer(build.model_arch("tiny", tok), rngs=nnx.Rngs(1))
+    # A random model almost never samples EOS (1 of 64 logits); a scaled EOS column makes it likely in some
+    # contexts, so responses end at different lengths and the rows' token counts differ.
+    kernel = model.lm_head.kernel
+    kernel.value = kernel.value.at[:, tok.eos_token_id].multiply(60.0)
+    save_pretrained(model, str(root / "sft"), tokenizer=tok)
+    for run in ("one", "eight"):
+        synthetic.write_dataset_files(str(root / run / "data"), sizes={"sft": 8, "preference": 8, "prompt": 32,
+                                                                      "eval": 8}, seed=0)
+    return root
+
+
+def one_device_step(root, name, extra=()):
+    """One GRPO step on one device, driving `GRPO` directly: (metrics, final actor params)."""
+    cfg = load_config(None, overrides(root) + [f"output={root}/{name}", "mesh.data=1", "generation.mesh.data=1",
+                                               "generation.mesh.tensor=1", *extra])
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    roles = grpo.load_roles(cfg, mesh)
+    prompts, eval_prompts, _ = ppo.load_prompts(cfg, roles.tokenizer)
+    with RewardRunner(cfg.reward) as rewards:
+        trainer = grpo.GRPO(cfg, mesh, roles, prompts, eval_prompts, rewards)
+        state, metrics = trainer.update(trainer.init_state(), 1)
+    return metrics, jax.device_get(state["actor"].params)
+
+
+@pytest.fixture(scope="module")
+def one(root):
+    return one_device_step(root, "one")
+
+
+def _close_tree(got, want, rtol):
+    for path, x in jax.tree_util.tree_leaves_with_path(want):
+        y = got
+        for key in path:
+            y = y[getattr(key, "key", getattr(key, "idx", None))]
+        x, y = np.asarray(x), np.asarray(y)
+        assert float(np.abs(x - y).max()) <= rtol * float(np.abs(x).max()), jax.tree_util.keystr(path)
+
+
+def _compared(metrics):
+    return sorted(k for k in metrics if not k.startswith("time/") and not k.endswith("/time_s"))
+
+
+def test_eight_devices_zero3_generation_tp_and_grad_accum_match_one_device(root, one):
+    """8 devices with two accumulated mini-batches of 8 rows (their token counts differ) make the update
+    of 1 device on one batch of 16: token-mean divides by the step's global token count. Also: the failing
+    functions gave their rows on_error, were counted, and the run finished."""
+    want, want_params = one
+    out = root / "eight"
+    assert cli.main(["grpo", "--output", str(out), *overrides(root), "mesh.data=1", "mesh.fsdp=8",
+                     "zero_stage=3", "generation.mesh.data=4", "generation.mesh.tensor=2", "ppo.mini_batches=2",
+                     "optim.grad_accum=2"]) == 0
+    with open(out / "metrics.jsonl") as f:
+        (got,) = [row for row in map(json.loads, f) if "policy_loss" in row]  # the step's row (not the eval's)
+    keys = _compared(want)
+    assert {"kl", "clipfrac", "kl_loss", "mismatch/max_abs", "reward/length/mean", "time/generation",
+            "time/reward", "time/train"} <= set(want)
+    np.testing.assert_allclose([got[k] for k in keys], [want[k] for k in keys], rtol=1e-5, atol=1e-6,
+                               err_msg=str(keys))
+    _close_tree(nnx.to_pure_dict(nnx.state(load_pretrained(str(out / "hf")), nnx.Param)), want_params, 1e-5)
+    assert want["reward/raises/errors"] == ROWS and want["reward/nan_first/errors"] == 1
+    assert want["reward/raises/mean"] == -1.0
+    assert want["mismatch/max_abs"] < 1e-5  # fp32 sampler and trainer agree on the same tokens
+    assert np.isfinite(want["loss"]) and want["grad_norm"] > 0
+    assert want["response_length"] < 4  # some responses ended early: the rows' token counts differ
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["grpo.group_size=3"], "ppo.rollout_batch_size (16) must be a whole number of groups of grpo.group_size=3"),
+    (["grpo.group_size=1"], "grpo.group_size must be >= 2"),
+    (["reward.functions=[]", "reward.weights=[]"], "reward.functions is empty and model.reward_path is not set"),
+    (["grpo.reuse_sampler_logprobs=true", "generation.dtype=bf16"], "grpo.reuse_sampler_logprobs needs"),
+])
+def test_config_errors_name_the_key(root, bad, message):
+    with pytest.raises(JaxrlError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, overrides(root) + bad)
+
+
+def test_plan_step_grpo_builds_the_runs_roles(root, capsys):
+    """`jaxrl plan --step grpo` lowers the roles `grpo.roles` declares: actor, reference (KL > 0), generation."""
+    rc = cli.main(["plan", "--devices", "8", "--json", "--step", "grpo", *overrides(root), "mesh.data=1",
+                   "mesh.fsdp=8", "zero_stage=3", "generation.mesh.data=4", "generation.mesh.tensor=2"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert [r["role"] for r in report["roles"]] == ["actor train step", "reference forward", "generation reshard",
+                                                    "generation prefill", "generation decode"]
+    assert all(r["arguments"] > 0 for r in report["roles"])
