@@ -67,3 +67,26 @@ def test_later_step_without_earlier_output_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["pipeline", "--output", str(tmp_path), "--steps", "3", *REDUCED]) == 1
     assert "run step 1 (SFT) first" in capsys.readouterr().err
     assert cli.main(["pipeline", "--steps", "4"]) == 1
+
+
+def test_dpo_and_the_grpo_family_replace_steps_2_and_3(tmp_path):
+    """algorithm=grpo: SFT, then GRPO with the checker's reward and no reward model; algorithm=dpo on the
+    same SFT model: DPO on the preference pairs. Each writes step3_<algorithm> and its summary section."""
+    out = str(tmp_path)
+    small = [*REDUCED[:6], "pipeline.eval_prompts=16", "pipeline.sft=[train.steps=6, optim.lr=3e-3]",
+             "pipeline.grpo=[train.steps=2, ppo.rollout_batch_size=16, ppo.eval_prompts=16, grpo.group_size=4]",
+             "pipeline.dpo=[train.steps=2]"]
+    assert cli.main(["pipeline", "--output", out, "algorithm=grpo", *small]) == 0
+    assert cli.main(["pipeline", "--output", out, "--steps", "3", "algorithm=dpo", *small]) == 0
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    assert not os.path.exists(os.path.join(out, "step2_reward")) and "reward" not in summary
+    for algorithm in ("grpo", "dpo"):
+        section = summary[algorithm]
+        assert section["task_accuracy_before"] == summary["sft"]["task_accuracy"]
+        assert 0.0 <= section["task_accuracy_after"] <= 1.0
+        assert os.path.exists(os.path.join(out, f"step3_{algorithm}", "hf", "model.safetensors"))
+    grpo = summary["grpo"]
+    assert 0.0 <= grpo["reward_before"] <= 1.0 and 0.0 <= grpo["reward_after"] <= 1.0  # the checker's 0/1 reward
+    assert grpo["kl"] is not None and abs(grpo["kl"]) < 10
+    assert summary["dpo"]["eval_loss"] is None or summary["dpo"]["eval_loss"] > 0
