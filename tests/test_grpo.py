@@ -127,3 +127,50 @@ def test_plan_step_grpo_builds_the_runs_roles(root, capsys):
     assert [r["role"] for r in report["roles"]] == ["actor train step", "reference forward", "generation reshard",
                                                     "generation prefill", "generation decode"]
     assert all(r["arguments"] > 0 for r in report["roles"])
+
+
+RECORDER = '''
+import json
+
+def record(prompts, completions, answer, **_):
+    """Checks each sample's answer belongs to its prompt; appends what it saw to {out!r}."""
+    with open({out!r}, "a") as f:
+        f.write(json.dumps({{"prompts": list(prompts), "answers": list(answer)}}) + "\\n")
+    return [float(len(c)) for c in completions]
+'''
+
+
+def test_reward_functions_get_each_samples_row_fields(root, tmp_path, monkeypatch):
+    """GSM8K-style rows {"prompt", "answer"} through `jaxrl grpo` with math_answer: a recording reward function
+    receives, for the G samples of each prompt in training and for each evaluated prompt, that row's answer;
+    a reward function needing a column the rows lack stops the run before training, naming both."""
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b), "id": i} for i, (a, b) in
+            enumerate((a, b) for a in range(1, 9) for b in range(10, 14))]  # 32 rows, each prompt once
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = tmp_path / "seen.jsonl"
+    (tmp_path / "recorder.py").write_text(RECORDER.format(out=str(seen)))
+    monkeypatch.syspath_prepend(str(tmp_path))  # the workers import with the trainer's sys.path
+    args = ["grpo", *overrides(root), f"data.path={data}", "data.split=0,0,1", "data.eval_fraction=0.25",
+            "ppo.eval_prompts=8", "mesh.data=1", "mesh.fsdp=8", "generation.mesh.data=8",
+            "reward.functions=[math_answer, recorder:record]", "reward.weights=[1.0, 0.0]", "train.steps=1"]
+    assert cli.main([*args, "--output", str(tmp_path / "run")]) == 0
+    calls = [json.loads(line) for line in seen.read_text().splitlines()]
+    answer_of = {r["prompt"]: r["answer"] for r in rows}
+    train, evals = calls[0], calls[1:]
+    assert len(train["prompts"]) == ROWS and len(evals) == 1 and len(evals[0]["prompts"]) == ROWS
+    assert [answer_of[p] for p in train["prompts"]] == train["answers"]  # each sample got its row's answer
+    groups = np.array(train["prompts"]).reshape(-1, GROUP)
+    assert (groups == groups[:, :1]).all() and len(set(groups[:, 0])) == ROWS // GROUP  # G samples per prompt
+    eval_prompts = evals[0]["prompts"]
+    assert [answer_of[p] for p in eval_prompts] == evals[0]["answers"]
+    assert len(set(eval_prompts[:8])) == 8 and set(eval_prompts[8:]) == {eval_prompts[0]}  # padding: row 0 again
+    assert not set(eval_prompts) & set(train["prompts"])  # held-out rows only
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        metrics = [json.loads(line) for line in f]
+    assert any("reward/math_answer/mean" in m for m in metrics)
+
+    (tmp_path / "no_answer.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
+    with pytest.raises(JaxrlError, match=r"reward function math_answer needs the row field 'answer'.*no_answer\.jsonl"):
+        grpo.run(load_config(None, [*args[1:], f"data.path={tmp_path / 'no_answer.jsonl'}",
+                                    f"output={tmp_path / 'bad'}"]))

@@ -27,11 +27,15 @@ HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
 @dataclasses.dataclass(frozen=True)
 class PromptRecord:
-    """A prompt and, for SFT, its response (None for prompt-only PPO rows)."""
+    """A prompt and, for SFT, its response (None for prompt-only PPO rows).
+
+    `fields` holds a prompt-only row's other scalar columns (e.g. GSM8K's `answer`), untokenized: what
+    the GRPO family's reward functions receive as keyword arguments (`row_fields`)."""
 
     prompt: str
     response: str | None
     origin: str
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +193,23 @@ def _for_need(record: Record, need: Need) -> Record:
     return PromptRecord(record.prompt, None, record.origin)
 
 
+# Columns a format reads as the prompt or a response; every other scalar column is a row field.
+_TEXT_COLUMNS = frozenset({"prompt", "response", "chosen", "rejected", "messages"})
+
+
+def row_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """The row's scalar columns (strings, numbers, booleans, nulls) other than the prompt and responses,
+    numpy scalars (parquet's) as Python ones; lists and objects are left out (reward functions get
+    per-row scalars)."""
+    out = {}
+    for key, value in data.items():
+        if hasattr(value, "item") and getattr(value, "shape", None) == ():  # a numpy scalar
+            value = value.item()
+        if key not in _TEXT_COLUMNS and (value is None or isinstance(value, (str, int, float, bool))):
+            out[key] = value
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Parsed:
     """Records of one or more files, with the malformed rows that were skipped.
@@ -233,6 +254,8 @@ def parse_rows(
     for row in rows:
         try:
             record = _for_need(parser(row.data, tokenizer), need)
+            if need == "prompt":
+                record = dataclasses.replace(record, fields=row_fields(row.data))
         except BadRow as e:
             problem = f"{row.origin}: {e} (data.format={fmt})"
             if not skip_bad_rows:

@@ -216,9 +216,15 @@ def tokenize_pairs(
     return Tokenized(arrays, keep.count(False))
 
 
+FIELD = "field/"  # prefix of the row-field arrays among the prompt arrays: "field/answer" (N,) object
+
+
 def tokenize_prompts(records: Sequence[Record], enc: Encoder, *, max_prompt_len: int) -> Tokenized:
     """Prompts for generation -> left-padded `input_ids`, `attention_mask` (N, max_prompt_len), no EOS;
-    longer prompts are dropped and counted."""
+    longer prompts are dropped and counted.
+
+    Each field of the records' `fields` (e.g. `answer`) comes along untokenized as a (N,) object array
+    `FIELD + name`, None where a row lacks it, so batch iterators keep it aligned with its prompt."""
     if max_prompt_len <= len(enc.prefix):
         raise JaxrlError(f"max_prompt_len={max_prompt_len} leaves no room for a prompt")
     prompts = enc.prompts([r.prompt for r in records])
@@ -229,4 +235,16 @@ def tokenize_prompts(records: Sequence[Record], enc: Encoder, *, max_prompt_len:
         "input_ids": pad_rows(kept, max_prompt_len, enc.pad_id, side="left"),
         "attention_mask": pad_rows([[1] * len(p) for p in kept], max_prompt_len, 0, side="left"),
     }
+    rows = [getattr(r, "fields", {}) for r, k in zip(records, keep) if k]
+    for name in dict.fromkeys(key for row in rows for key in row):
+        column = np.empty(len(rows), dtype=object)
+        column[:] = [row.get(name) for row in rows]
+        arrays[FIELD + name] = column
     return Tokenized(arrays, keep.count(False))
+
+
+def batch_rows(batch: dict[str, np.ndarray]) -> list[dict]:
+    """A prompt batch's row fields as one dict per row: `{"answer": ...}`, [] when it has none."""
+    names = [k for k in batch if k.startswith(FIELD)]
+    n = len(batch[names[0]]) if names else 0
+    return [{k[len(FIELD):]: batch[k][i] for k in names} for i in range(n)]

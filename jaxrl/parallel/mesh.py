@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 
 import jax
 import numpy as np
@@ -110,3 +111,18 @@ def to_host(x) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
+
+
+def gather_rows(local: list) -> list:
+    """Every process's `local` list (picklable items) concatenated in process order, on every process:
+    the host-side companion of `to_host` for per-row Python values (e.g. reward functions' row fields)."""
+    if jax.process_count() == 1:
+        return list(local)
+    from jax.experimental import multihost_utils
+
+    blob = np.frombuffer(pickle.dumps(local), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int64(blob.size))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:blob.size] = blob
+    blobs = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [row for blob, size in zip(blobs, sizes) for row in pickle.loads(blob[:size].tobytes())]

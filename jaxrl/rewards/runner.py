@@ -24,6 +24,7 @@ start-up and the import of the functions are not part of it.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import math
 import multiprocessing
@@ -32,7 +33,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +77,17 @@ def load_function(spec: str):
     return fn
 
 
+def needed_fields(fn) -> tuple[str, ...]:
+    """The row fields `fn` cannot run without: its parameters after (prompts, completions) that have no
+    default and are not *args/**kwargs (`math_answer(prompts, completions, answer, **_)` -> ("answer",))."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a callable without a signature: nothing declared
+        return ()
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple(p.name for p in params[2:] if p.kind in named and p.default is inspect.Parameter.empty)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The worker process
 
@@ -88,12 +100,12 @@ def _entry(x):
 
 
 def _worker_main(conn, sys_path: list[str], specs: tuple[str, ...]) -> None:
-    """Imports every function, says ("ready", None) (or ("error", why)), then serves
+    """Imports every function, says ("ready", {spec: needed fields}) (or ("error", why)), then serves
     (spec, prompts, completions, fields) requests until the pipe closes or None arrives."""
     sys.path[:] = sys_path  # the trainer's import path when the worker started (forkserver's may be older)
     try:
         functions = {spec: load_function(spec) for spec in specs}
-        conn.send(("ready", None))
+        conn.send(("ready", {spec: needed_fields(fn) for spec, fn in functions.items()}))
     except JaxrlError as e:
         conn.send(("error", str(e)))
         return
@@ -123,7 +135,7 @@ def _worker_main(conn, sys_path: list[str], specs: tuple[str, ...]) -> None:
 
 
 class _Worker:
-    """One worker process and its pipe. It is `starting` until its ("ready", None) arrives: a call's
+    """One worker process and its pipe. It is `starting` until its ("ready", needs) arrives: a call's
     timeout never includes a worker's start-up or the import of the functions."""
 
     def __init__(self, ctx, specs: tuple[str, ...], startup_s: float):
@@ -133,6 +145,7 @@ class _Worker:
         self.process.start()
         child.close()
         self.ready_by = time.perf_counter() + startup_s
+        self.needs: dict[str, tuple[str, ...]] = {}  # spec -> the row fields it needs (`needed_fields`)
 
     def started(self) -> str | None:
         """Reads the start-up message: None when ready, else why the worker could not start."""
@@ -140,7 +153,10 @@ class _Worker:
             status, message = self.conn.recv()
         except (EOFError, OSError):
             return "the worker process died while starting"
-        return None if status == "ready" else message
+        if status != "ready":
+            return message
+        self.needs = message
+        return None
 
     def kill(self) -> None:
         self.process.kill()
@@ -273,9 +289,26 @@ class RewardRunner:
                     raise JaxrlError(problem)
                 self._starting.remove(worker)
                 self._idle.append(worker)
+                self.needs = worker.needs
         except BaseException:
             self.close()
             raise
+
+    def missing_fields(self, fields: Iterable[str]) -> list[tuple[str, str]]:
+        """(function name, field) for every field a function needs (`needed_fields`) not in `fields`."""
+        have = set(fields)
+        return [(name, f) for spec, name in zip(self.specs, self.names) for f in self.needs.get(spec, ())
+                if f not in have]
+
+    def check_fields(self, fields: Iterable[str], source: str) -> None:
+        """Raises a JaxrlError naming each function, the field it needs and `source` (the data files)
+        when the rows of `source`, which have `fields`, lack a field some function needs."""
+        missing = self.missing_fields(fields)
+        if missing:
+            what = "; ".join(f"reward function {name} needs the row field {field!r}" for name, field in missing)
+            have = ", ".join(sorted(set(fields))) or "none"
+            raise JaxrlError(f"{what}, but the rows of {source} have no such column (their fields: {have}); "
+                             "add the column to the data or drop the function from reward.functions")
 
     def _new_worker(self) -> _Worker:
         return _Worker(self._ctx, tuple(dict.fromkeys(self.specs)), STARTUP_S)
@@ -307,6 +340,7 @@ class RewardRunner:
             raise JaxrlError(f"reward batch has {len(prompts)} prompts, {b} completions and {len(rows)} rows; "
                              "pass one of each per sample")
         keys = dict.fromkeys(k for row in rows for k in row if k != "prompt")
+        self.check_fields(keys, "this reward batch")
         fields = {k: [row.get(k) for row in rows] for k in keys}
         self._pending = PendingRewards(self, (list(prompts), list(completions), fields), b, extra_terms)
         return self._pending

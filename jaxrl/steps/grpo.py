@@ -29,9 +29,10 @@ from jaxrl.algorithms import grpo
 from jaxrl.algorithms.ppo import ended_rows, response_logprobs
 from jaxrl.config import GrpoSection, RunConfig
 from jaxrl.data import synthetic
+from jaxrl.data.tokenize import FIELD, batch_rows
 from jaxrl.models.hf import save_pretrained
 from jaxrl.models.transformer import shard_activations
-from jaxrl.parallel.mesh import settle, to_host
+from jaxrl.parallel.mesh import gather_rows, settle, to_host
 from jaxrl.parallel.sharding import DATA_AXES, data_parallel_size
 from jaxrl.rewards.runner import RewardRunner, combine
 from jaxrl.steps import ppo
@@ -208,22 +209,25 @@ class GRPO:
 
     def sample(self, actor_state, prompts: dict, rng, times: dict, *, group: int | None = None,
                sampler=None):
-        """Generates `group` (default G) samples per prompt in consecutive rows and rewards them:
-        (batch on the training mesh, (B,) fp32 scores, reward metrics)."""
+        """Generates `group` (default G) samples per prompt in consecutive rows and rewards them, each sample
+        with its prompt's row fields: (batch on the training mesh, (B,) fp32 scores, reward metrics)."""
         group = self.group if group is None else group
         repeated = {k: np.repeat(np.asarray(prompts[k]), group, axis=0) for k in ("input_ids", "attention_mask")}
+        # The rollout's rows are every process's rows in process order, so are the fields.
+        rows = [row for row in gather_rows(batch_rows(prompts)) for _ in range(group)]
         t0 = time.perf_counter()
         batch = ppo.rollout(self.roles.hybrid, actor_state, repeated, rng, sampler or self.sampler,
                             self.train_sharding)
         t1 = time.perf_counter()
-        scores, metrics = self.reward(batch)
+        scores, metrics = self.reward(batch, rows)
         times["time/generation"] = times.get("time/generation", 0.0) + t1 - t0
         times["time/reward"] = times.get("time/reward", 0.0) + time.perf_counter() - t1
         return batch, scores, metrics
 
-    def reward(self, batch: dict):
-        """(B,) total rewards of a rollout batch: weighted reward functions (in the workers) plus the learned
-        reward model's weighted score, plus DAPO's overlong penalty; and their metrics."""
+    def reward(self, batch: dict, rows: list[dict]):
+        """(B,) total rewards of a rollout batch: weighted reward functions (in the workers, given the B rows'
+        fields, [] for none) plus the learned reward model's weighted score, plus DAPO's overlong penalty;
+        and their metrics."""
         plen = self.cfg.data.max_prompt_len
         seq, attn, mask = (to_host(batch[k]) for k in ("seq", "attention_mask", "response_mask"))
         terms = []
@@ -235,7 +239,7 @@ class GRPO:
         if self.rewards is not None:
             prompts = self.decode(seq[:, :plen], attn[:, :plen])
             completions = self.decode(seq[:, plen:], mask)
-            scores, metrics = self.rewards(prompts, completions, extra_terms=terms)
+            scores, metrics = self.rewards(prompts, completions, rows, extra_terms=terms)
         else:
             scores, metrics = combine(terms)
             metrics["reward/total"] = float(scores.mean())
@@ -361,6 +365,18 @@ def merge_reward_metrics(per_round: list[dict]) -> dict:
     return out
 
 
+def check_row_fields(cfg: RunConfig, rewards: RewardRunner, prompts: dict, eval_prompts: dict | None) -> None:
+    """Before training: every field a reward function needs (e.g. math_answer's `answer`) is a column of
+    the training rows and of the evaluated held-out rows, else a JaxrlError naming function, field, file."""
+    def names(arrays):
+        return [k[len(FIELD):] for k in arrays if k.startswith(FIELD)]
+
+    rewards.check_fields(names(prompts), "data.path=" + ",".join(cfg.data.paths))
+    if eval_prompts is not None and cfg.ppo.eval_prompts != 0:
+        source = f"data.eval_path={cfg.data.eval_path}" if cfg.data.eval_path else "the held-out rows of data.path"
+        rewards.check_fields(names(eval_prompts), source)
+
+
 def run(cfg: RunConfig) -> dict:
     """`jaxrl rl` with a GRPO-family algorithm: trains the actor; writes OUTPUT/hf."""
     mesh = build.training_mesh(cfg)
@@ -368,6 +384,8 @@ def run(cfg: RunConfig) -> dict:
     prompts, eval_prompts, _ = ppo.load_prompts(cfg, roles.tokenizer)
     rewards = RewardRunner(cfg.reward) if cfg.reward.functions else None
     try:
+        if rewards is not None:
+            check_row_fields(cfg, rewards, prompts, eval_prompts)
         trainer = GRPO(cfg, mesh, roles, prompts, eval_prompts, rewards)
         result = {}
 
