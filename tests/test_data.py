@@ -15,7 +15,7 @@ from jaxrl.data import formats, readers, split as split_lib
 from jaxrl.data.dataset import load_records
 from jaxrl.data.formats import PreferenceRecord, PromptRecord, parse_rows
 from jaxrl.data.iterator import BatchIterator
-from jaxrl.data.tokenize import Encoder, tokenize_pairs, tokenize_prompts, tokenize_sft
+from jaxrl.data.tokenize import Encoder, batch_rows, tokenize_pairs, tokenize_prompts, tokenize_sft
 from jaxrl.errors import JaxrlError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "data")
@@ -353,6 +353,43 @@ def test_sharded_processes_see_the_global_batch():
         parts = [next(s) for s in shards]
         assert parts[0]["row"].shape == (2,)
         np.testing.assert_array_equal(np.concatenate([p["row"] for p in parts]), next(whole)["row"])
+
+
+def test_prompt_rows_keep_their_fields_aligned_through_iterators(tmp_path, tokenizer):
+    """A prompt row's scalar columns (GSM8K's `answer`) stay with its tokens: through a jsonl + parquet blend,
+    a dropped over-long prompt, the shuffled iterator and its restore, and the padded evaluation pass."""
+    parquet = pytest.importorskip("pyarrow.parquet")
+    import pyarrow
+
+    words = "a b c d e f g h i j".split()
+    rows = [{"prompt": f"{w} word", "answer": f"{i} {w}", "id": i, "meta": [1, 2]} for i, w in enumerate(words)]
+    rows[3]["prompt"] = "long " * 9 + "word"  # dropped by max_prompt_len, and its fields with it
+    write(tmp_path, "a.jsonl", "".join(json.dumps(r) + "\n" for r in rows[:6]))
+    parquet.write_table(pyarrow.Table.from_pylist(rows[6:]), str(tmp_path / "b.parquet"))
+    records = load_records([tmp_path / "a.jsonl", tmp_path / "b.parquet"], need="prompt", seed=3).records
+    arrays = tokenize_prompts(records, Encoder.from_tokenizer(tokenizer), max_prompt_len=3).arrays
+    assert set(arrays) == {"input_ids", "attention_mask", "field/answer", "field/id"}  # lists are not fields
+    assert sorted(arrays["field/id"]) == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    tokens_of = {i: ids(tokenizer, rows[i]["prompt"]) for i in arrays["field/id"]}
+
+    def check(batch):
+        for row, input_ids, mask in zip(batch_rows(batch), batch["input_ids"], batch["attention_mask"]):
+            assert row == {"answer": rows[row["id"]]["answer"], "id": row["id"]}
+            assert input_ids[mask > 0].tolist() == tokens_of[row["id"]]
+
+    it = BatchIterator(arrays, batch_size=4, seed=5)
+    for _ in range(3):  # into the second epoch
+        check(next(it))
+    resumed = BatchIterator(arrays, batch_size=4, seed=5)
+    resumed.restore(it.state())
+    a, b = next(it), next(resumed)
+    check(b)
+    assert batch_rows(a) == batch_rows(b)
+    evals = list(BatchIterator(arrays, batch_size=4, shuffle=False, num_epochs=1, pad_last=True))
+    for batch in evals:
+        check(batch)
+    real = [row["id"] for batch in evals for row, v in zip(batch_rows(batch), batch["valid"]) if v > 0]
+    assert real == list(arrays["field/id"])  # every row once, the padding (copies of row 0) left out
 
 
 def test_iterator_limits():

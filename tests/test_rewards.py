@@ -7,12 +7,14 @@ import time
 
 import numpy as np
 import pytest
+from reward_fixtures import length
 
 from jaxrl.config import from_dict
 from jaxrl.data.synthetic import check
 from jaxrl.errors import JaxrlError
 from jaxrl.rewards import (RewardFunctionsConfig, RewardRunner, combine, exact_match, extract_answer,
                            load_function, math_answer, parse_number, synthetic_task)
+from jaxrl.rewards.runner import needed_fields
 
 # ------------------------------------------------------------------------------------------- built-ins
 EXTRACT = [
@@ -151,6 +153,25 @@ def test_failing_functions_give_on_error_and_the_run_goes_on(runner, caplog):
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "RuntimeError: boom" in messages and "timed out after 1 s" in messages and "died" in messages
     assert "returned 1 values for 3 completions" in messages and "returned float" in messages
+
+
+def test_needed_row_fields_are_read_from_signatures_and_checked(runner):
+    """A function's required parameters after (prompts, completions) are the row fields it needs; a data
+    source or batch without one is a JaxrlError naming the function, the field and the source."""
+    def fn(prompts, completions, answer, *rest, level, unit="m", **_):
+        return []
+
+    assert needed_fields(fn) == ("answer", "level") and needed_fields(length) == ()
+    assert runner.needs["math_answer"] == ("answer",) and runner.needs["reward_fixtures:length"] == ()
+    assert runner.missing_fields(["answer", "id"]) == []
+    with pytest.raises(JaxrlError, match=r"reward function echo_answer needs the row field 'answer'; reward "
+                                         r"function math_answer needs the row field 'answer', but the rows of "
+                                         r"data.path=q\.jsonl have no such column \(their fields: id\)"):
+        runner.check_fields(["id"], "data.path=q.jsonl")
+    with pytest.raises(JaxrlError, match="the rows of this reward batch have no such column"):
+        runner.submit(PROMPTS, COMPLETIONS, [{"prompt": p} for p in PROMPTS])
+    total, _ = runner(PROMPTS, COMPLETIONS, ROWS)  # the runner still scores the next batch
+    assert total.shape == (3,)
 
 
 def test_a_timed_out_worker_is_killed():
