@@ -109,9 +109,10 @@ class Roles:
     declared: dict  # name -> Role, as `roles` declared them
 
 
-def load_roles(cfg: RunConfig, mesh) -> Roles:
-    """The roles of `roles(cfg)` built with their weights on `mesh`, and the actor's Hybrid Engine."""
-    tok = build.load_tokenizer(cfg.model.path)
+def load_roles(cfg: RunConfig, mesh, tok=None) -> Roles:
+    """The roles of `roles(cfg)` built with their weights on `mesh`, and the actor's Hybrid Engine
+    (`tok`: the model's tokenizer, loaded from model.path when None)."""
+    tok = tok if tok is not None else build.load_tokenizer(cfg.model.path)
     declared = roles(cfg, mesh, tok)
     actor = role_lib.trainer(declared["actor"], cfg, mesh)
     ref = role_lib.frozen(declared["reference"], cfg, mesh) if "reference" in declared else None
@@ -380,12 +381,13 @@ def check_row_fields(cfg: RunConfig, rewards: RewardRunner, prompts: dict, eval_
 def run(cfg: RunConfig) -> dict:
     """`jaxrl rl` with a GRPO-family algorithm: trains the actor; writes OUTPUT/hf."""
     mesh = build.training_mesh(cfg)
-    roles = load_roles(cfg, mesh)
-    prompts, eval_prompts, _ = ppo.load_prompts(cfg, roles.tokenizer)
+    tok = build.load_tokenizer(cfg.model.path)
+    prompts, eval_prompts, _ = ppo.load_prompts(cfg, tok)
     rewards = RewardRunner(cfg.reward) if cfg.reward.functions else None
     try:
-        if rewards is not None:
+        if rewards is not None:  # data and reward functions that do not fit fail before the models load
             check_row_fields(cfg, rewards, prompts, eval_prompts)
+        roles = load_roles(cfg, mesh, tok)
         trainer = GRPO(cfg, mesh, roles, prompts, eval_prompts, rewards)
         result = {}
 
