@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Literal
 
+import numpy as np
+
 from jaxrl.data.readers import Row
 from jaxrl.errors import JaxrlError
 
@@ -203,7 +205,7 @@ def row_fields(data: dict[str, Any]) -> dict[str, Any]:
     per-row scalars)."""
     out = {}
     for key, value in data.items():
-        if hasattr(value, "item") and getattr(value, "shape", None) == ():  # a numpy scalar
+        if isinstance(value, np.generic):  # a numpy scalar (a dataset saved with numpy types)
             value = value.item()
         if key not in _TEXT_COLUMNS and (value is None or isinstance(value, (str, int, float, bool))):
             out[key] = value

@@ -235,7 +235,7 @@ def tokenize_prompts(records: Sequence[Record], enc: Encoder, *, max_prompt_len:
         "input_ids": pad_rows(kept, max_prompt_len, enc.pad_id, side="left"),
         "attention_mask": pad_rows([[1] * len(p) for p in kept], max_prompt_len, 0, side="left"),
     }
-    rows = [getattr(r, "fields", {}) for r, k in zip(records, keep) if k]
+    rows = [r.fields if isinstance(r, PromptRecord) else {} for r, k in zip(records, keep) if k]
     for name in dict.fromkeys(key for row in rows for key in row):
         column = np.empty(len(rows), dtype=object)
         column[:] = [row.get(name) for row in rows]
