@@ -165,7 +165,7 @@ def test_ptx_loss_is_in_the_actor_update(one_device):
         assert m["ptx_loss"] > 1.0  # token cross-entropy of a random model over a 40-odd-token vocabulary
     actor = one_device["roles"].actor
     state, batch = one_device["record"]["first"]
-    assert {"ptx_input_ids", "ptx_loss_mask", "ptx_ratio"} <= set(batch)
+    assert batch.ptx is not None and {"input_ids", "loss_mask", "ratio"} <= set(vars(batch.ptx))
 
     def step(batch):
         s = jax.device_put(state, actor.state_shardings)
@@ -177,7 +177,7 @@ def test_ptx_loss_is_in_the_actor_update(one_device):
     for x, y in zip(jax.tree.leaves(with_ptx), jax.tree.leaves(one_device["record"]["params"][0])):
         np.testing.assert_array_equal(x, y)  # the recorded first update, replayed
     # No ptx target tokens: the ptx term is exactly 0, as with ppo.ptx_coef=0 (and no recompilation).
-    without, m0 = step(dict(batch, ptx_loss_mask=np.zeros_like(batch["ptx_loss_mask"])))
+    without, m0 = step(batch.replace(ptx=batch.ptx.replace(loss_mask=np.zeros_like(batch.ptx.loss_mask))))
     assert float(m0["ptx_loss"]) == 0.0 and float(m["ptx_loss"]) > 1.0
     diff = max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(with_ptx), jax.tree.leaves(without)))
     assert diff > 1e-6
