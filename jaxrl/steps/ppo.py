@@ -367,7 +367,7 @@ class PPO:
             valid = build.to_device({"valid": batch.pop("valid")}, self.train_sharding)["valid"]
             rolled = self.rollout(state["actor"], batch, rng_stream(self.cfg.seed, "eval", i), sampler=cfg_s)
             with jax.set_mesh(self.mesh):
-                score = self._score_only(self.roles.reward[1], role_lib.feed(self.roles.declared["reward"], rolled))
+                score = self._score_only(self.roles.reward[1], rolled)
             real = to_host(valid) > 0  # every process decodes all rows
             seq, attn, resp = (to_host(x)[real] for x in (rolled.seq, rolled.attention_mask, rolled.response_mask))
             scores.append(to_host(score)[real])
