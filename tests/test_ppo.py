@@ -353,3 +353,26 @@ def test_each_role_trains_in_its_own_zero_stage(root, one_device):
     explicit = load_config(None, overrides(root) + stages[:3] + [f"ppo.{r}.zero_stage=3" for r in roles.declared])
     specs = [{k: r.spec for k, r in ppo_trainer.roles(c, mesh, roles.tokenizer).items()} for c in (plain, explicit)]
     assert specs[0] == specs[1] and {s.zero_stage for s in specs[0].values()} == {3}
+
+
+def test_controller_state_resumes_exactly(root):
+    """The controller state (adaptive KL coefficient, running score moments under ppo.normalize_reward)
+    comes back from experience, not the metrics, and resumes from the checkpoint's JSON data state: a
+    PPO restored after step 1 takes step 2 exactly as the one that ran step 1."""
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    cfg = _single_update_cfg(root, "ppo.normalize_reward=true", "ppo.adaptive_kl=true", "ppo.eval_prompts=0")
+    roles = ppo_trainer.load_roles(cfg, mesh)
+    prompts, _, _ = ppo_trainer.load_prompts(cfg, roles.tokenizer)
+    ran = ppo_trainer.PPO(cfg, mesh, roles, prompts, None, None)
+    state, first = ran.update(ran.init_state(), 1)
+    assert not {"score_count", "score_mean", "score_m2"} & set(first)
+    saved = json.loads(json.dumps(ran.data_state()))
+    assert saved["score_stats"][0] == ROWS and saved["kl_coef"] == first["kl_coef"] != KL_COEF
+    resumed = ppo_trainer.PPO(cfg, mesh, roles, prompts, None, None)
+    resumed.restore_data(saved)
+    assert resumed.data_state() == saved
+    copy = jax.tree.map(jax.numpy.copy, state)
+    _, want = ran.update(state, 2)
+    _, got = resumed.update(copy, 2)
+    assert {k: v for k, v in got.items() if not k.startswith("time/")} == \
+        {k: v for k, v in want.items() if not k.startswith("time/")}
