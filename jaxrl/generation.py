@@ -312,7 +312,7 @@ def sampler_config(model, *, max_new_tokens: int, temperature: float = 0.0, top_
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, eos_ids=None, seed: int = 0, *, batch_size: int = 32,
-             batch_sharding: NamedSharding | None = None) -> list[list[int]]:
+             batch_sharding: NamedSharding | None = None, rng: jax.Array | None = None) -> list[list[int]]:
     """Generates a continuation for each prompt.
 
     Args:
@@ -324,13 +324,14 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int = 64, temperat
       seed: the PRNG seed (same seed, same prompts -> same output).
       batch_size: prompts per generation batch (each padded up to a batch bucket).
       batch_sharding: optional row sharding of each batch.
+      rng: a PRNG key to use instead of key(seed) (e.g. a named stream, `jaxrl.train.rng.rng_stream`).
     Returns:
       One list per prompt: the generated ids, ending with EOS when one was produced.
     """
     cfg = sampler_config(model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                          top_k=top_k, eos_ids=eos_ids)
     _check_prompts(model.config, prompts, max_new_tokens)
-    rng = jax.random.key(seed)
+    rng = jax.random.key(seed) if rng is None else rng
     out: list[list[int]] = []
     for i, start in enumerate(range(0, len(prompts), batch_size)):
         chunk = [list(p) for p in prompts[start:start + batch_size]]

@@ -122,11 +122,11 @@ def _actor_batch(rng, rows=4, prompt=3, response=6):
     seq = rng.integers(0, 64, size=(rows, prompt + response)).astype(np.int32)
     resp = np.array([[1] * response, [1] * 4 + [0] * 2, [1] * 5 + [0], [1] * 2 + [0] * 4], np.int32)[:rows]
     ptx = rng.integers(0, 64, size=(rows, 7)).astype(np.int32)
-    return {"seq": seq, "attention_mask": np.concatenate([np.ones((rows, prompt), np.int32), resp], 1),
-            "response_mask": resp, "old_logprobs": rng.normal(-4, 0.5, (rows, response)).astype(np.float32),
-            "advantages": rng.normal(size=(rows, response)).astype(np.float32),
-            "ptx_input_ids": ptx, "ptx_attention_mask": np.ones_like(ptx), "ptx_loss_mask": np.ones_like(ptx),
-            "ptx_ratio": np.full((rows,), 0.7, np.float32)}
+    return ppo.Rollout(seq=seq, attention_mask=np.concatenate([np.ones((rows, prompt), np.int32), resp], 1),
+                       response_mask=resp, old_logprobs=rng.normal(-4, 0.5, (rows, response)).astype(np.float32),
+                       advantages=rng.normal(size=(rows, response)).astype(np.float32),
+                       ptx=ppo.Ptx(input_ids=ptx, attention_mask=np.ones_like(ptx), loss_mask=np.ones_like(ptx),
+                                   ratio=np.full((rows,), 0.7, np.float32)))
 
 
 ACTOR_LOSS = functools.partial(ppo.actor_loss, prompt_len=3, clip_ratio=0.2, entropy_coef=0.3, ptx_coef=0.5)

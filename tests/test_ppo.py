@@ -165,7 +165,7 @@ def test_ptx_loss_is_in_the_actor_update(one_device):
         assert m["ptx_loss"] > 1.0  # token cross-entropy of a random model over a 40-odd-token vocabulary
     actor = one_device["roles"].actor
     state, batch = one_device["record"]["first"]
-    assert {"ptx_input_ids", "ptx_loss_mask", "ptx_ratio"} <= set(batch)
+    assert batch.ptx is not None and {"input_ids", "loss_mask", "ratio"} <= set(vars(batch.ptx))
 
     def step(batch):
         s = jax.device_put(state, actor.state_shardings)
@@ -177,7 +177,7 @@ def test_ptx_loss_is_in_the_actor_update(one_device):
     for x, y in zip(jax.tree.leaves(with_ptx), jax.tree.leaves(one_device["record"]["params"][0])):
         np.testing.assert_array_equal(x, y)  # the recorded first update, replayed
     # No ptx target tokens: the ptx term is exactly 0, as with ppo.ptx_coef=0 (and no recompilation).
-    without, m0 = step(dict(batch, ptx_loss_mask=np.zeros_like(batch["ptx_loss_mask"])))
+    without, m0 = step(batch.replace(ptx=batch.ptx.replace(loss_mask=np.zeros_like(batch.ptx.loss_mask))))
     assert float(m0["ptx_loss"]) == 0.0 and float(m["ptx_loss"]) > 1.0
     diff = max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(with_ptx), jax.tree.leaves(without)))
     assert diff > 1e-6
@@ -353,3 +353,26 @@ def test_each_role_trains_in_its_own_zero_stage(root, one_device):
     explicit = load_config(None, overrides(root) + stages[:3] + [f"ppo.{r}.zero_stage=3" for r in roles.declared])
     specs = [{k: r.spec for k, r in ppo_trainer.roles(c, mesh, roles.tokenizer).items()} for c in (plain, explicit)]
     assert specs[0] == specs[1] and {s.zero_stage for s in specs[0].values()} == {3}
+
+
+def test_controller_state_resumes_exactly(root):
+    """The controller state (adaptive KL coefficient, running score moments under ppo.normalize_reward)
+    comes back from experience, not the metrics, and resumes from the checkpoint's JSON data state: a
+    PPO restored after step 1 takes step 2 exactly as the one that ran step 1."""
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    cfg = _single_update_cfg(root, "ppo.normalize_reward=true", "ppo.adaptive_kl=true", "ppo.eval_prompts=0")
+    roles = ppo_trainer.load_roles(cfg, mesh)
+    prompts, _, _ = ppo_trainer.load_prompts(cfg, roles.tokenizer)
+    ran = ppo_trainer.PPO(cfg, mesh, roles, prompts, None, None)
+    state, first = ran.update(ran.init_state(), 1)
+    assert not {"score_count", "score_mean", "score_m2"} & set(first)
+    saved = json.loads(json.dumps(ran.data_state()))
+    assert saved["score_stats"][0] == ROWS and saved["kl_coef"] == first["kl_coef"] != KL_COEF
+    resumed = ppo_trainer.PPO(cfg, mesh, roles, prompts, None, None)
+    resumed.restore_data(saved)
+    assert resumed.data_state() == saved
+    copy = jax.tree.map(jax.numpy.copy, state)
+    _, want = ran.update(state, 2)
+    _, got = resumed.update(copy, 2)
+    assert {k: v for k, v in got.items() if not k.startswith("time/")} == \
+        {k: v for k, v in want.items() if not k.startswith("time/")}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from jaxrl.algorithms.sft import head_stats, sft_loss, token_entropy
 
@@ -277,11 +278,53 @@ def ema_update(ema_params, params, decay):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Step functions (rollout, actor and critic updates) follow.
-#
-# A rollout batch (B rows) holds: `seq` (B, P + R) prompt + response ids, `attention_mask` (B, P + R),
-# `response_mask` (B, R), and, filled by `experience`, `old_logprobs`, `ref_logprobs`, `old_values`,
-# `advantages`, `returns` (B, R). P is static: it is the prompts' padded width.
+# Step functions (rollout, actor and critic updates) and the state they pass on. P is static: it is the
+# prompts' padded width.
+
+
+@struct.dataclass
+class Ptx:
+    """Pre-training rows mixed into the actor's loss (`ppo.ptx_coef`), one mini-batch's worth, as `sft_loss`
+    reads them."""
+
+    input_ids: jax.Array  # (B', P + R) int32
+    attention_mask: jax.Array  # (B', P + R) int32
+    loss_mask: jax.Array  # (B', P + R) int32 1 on tokens that are targets
+    ratio: jax.Array  # (B',) fp32 global response tokens / global ptx target tokens, one copy per row
+
+
+@struct.dataclass
+class Rollout:
+    """A batch of experience: B rows of prompt + response (the layout above).
+
+    Sampling gives the first three fields and `experience` the next four. A role's mini-batch
+    (`role.feed`) carries only the fields that role declares, the others None; the actor's adds `ptx`.
+    """
+
+    seq: jax.Array  # (B, P + R) int32 prompt + response ids
+    attention_mask: jax.Array  # (B, P + R) int32 1 on real tokens
+    response_mask: jax.Array | None = None  # (B, R) int32 1 on generated tokens up to and including EOS
+    old_logprobs: jax.Array | None = None  # (B, R) fp32 log pi_old of the response tokens
+    old_values: jax.Array | None = None  # (B, R) fp32 critic values V_old (state before each token)
+    advantages: jax.Array | None = None  # (B, R) fp32 GAE advantages (whitened with whiten_advantages)
+    returns: jax.Array | None = None  # (B, R) fp32 the critic's targets A + V_old
+    ptx: Ptx | None = None  # the actor's pre-training rows beside this mini-batch (ptx_coef > 0)
+
+    @classmethod
+    def of(cls, fields: dict) -> Rollout:
+        """A Rollout from a dict of its fields, `ptx` a dict of `Ptx`'s (how `role.feed` builds one)."""
+        ptx = fields.get("ptx")
+        return cls(**{**fields, "ptx": None if ptx is None else Ptx(**ptx)})
+
+
+@struct.dataclass
+class Controller:
+    """What PPO carries from one rollout batch to the next (and checkpoints): the KL coefficient, which the
+    adaptive controller moves after each step (`kl_coef_update`), and the running moments of the reward
+    scores, which `experience` updates under `ppo.normalize_reward`."""
+
+    kl_coef: jax.Array  # () fp32 beta of the KL penalty
+    score_moments: tuple[jax.Array, jax.Array, jax.Array]  # () fp32 each: running (count, mean, M2) of scores
 
 
 def response_logprobs(model, seq, attention_mask, prompt_len: int, *, entropy: bool = False):
@@ -319,43 +362,47 @@ def ended_rows(seq, mask, prompt_len: int, eos_ids: tuple[int, ...]):
     return jnp.isin(last, jnp.asarray(eos_ids)) & (mask.sum(1) > 0)
 
 
-def experience(actor, ref, critic, reward, batch, *, prompt_len: int, kl_coef, kl_estimator: str,
-               clip_reward: float, gamma: float, lam: float, whiten_advantages: bool, eos_ids: tuple[int, ...],
-               score_stats=None):
-    """Scores one rollout batch: old/ref log-probs, values, rewards, GAE (no gradients).
+def experience(actor, ref, critic, reward, batch: Rollout, control: Controller, *, prompt_len: int,
+               kl_estimator: str, clip_reward: float, gamma: float, lam: float, whiten_advantages: bool,
+               eos_ids: tuple[int, ...], normalize_reward: bool = False):
+    """Scores one sampled batch: old/ref log-probs, values, rewards, GAE (no gradients).
 
     The reward model reads each sequence at its last real token, the same position as in step 2: the
     response's EOS, or its last token when generation stopped at the length limit. Those truncated rows
-    keep their score (as in DeepSpeed-Chat) and are counted in `truncated`.
+    keep their score (as in DeepSpeed-Chat) and are counted in `truncated`. The KL penalty's coefficient
+    is `control.kl_coef`.
 
-    With `score_stats` = running (count, mean, M2) of the scores seen so far (`ppo.normalize_reward`),
-    scores are standardised by the running statistics including this batch before they are clipped to
-    +-clip_reward, so the clip keeps its meaning whatever scale the reward model learned; the updated
-    statistics come back in the metrics (`score_count`, `score_mean`, `score_m2`).
+    With `normalize_reward`, scores are standardised by the running (count, mean, M2) of the scores seen so
+    far including this batch (`control.score_moments`, updated) before they are clipped to +-clip_reward,
+    so the clip keeps its meaning whatever scale the reward model learned.
 
-    `ref=None` (no reference model, when the KL coefficient is 0): the KL term and the `kl` metric are
-    0 and no `ref_logprobs` come back; every other output is what a reference would have given.
+    `ref=None` (no reference model, when the KL coefficient is 0): the KL term and the `kl` metric are 0;
+    every other output is what a reference would have given.
+
+    Returns:
+      the Rollout with old_logprobs, old_values, advantages and returns filled; the Controller the next
+      batch uses (new score moments under `normalize_reward`, else `control`); the metrics.
     """
-    seq, attn, mask = batch["seq"], batch["attention_mask"], batch["response_mask"]
+    seq, attn, mask = batch.seq, batch.attention_mask, batch.response_mask
     old, _ = response_logprobs(actor, seq, attn, prompt_len)
-    ref_lp = None if ref is None else response_logprobs(ref, seq, attn, prompt_len)[0]
     values = response_values(critic, seq, attn, prompt_len)
     score = reward.sequence_score(seq, attn)
     ended = ended_rows(seq, mask, prompt_len, eos_ids)
     raw_score = score
-    if score_stats is not None:
-        score_stats = update_moments(score_stats, score.astype(jnp.float32))
-        count, mean, m2 = score_stats
+    if normalize_reward:
+        control = control.replace(score_moments=update_moments(control.score_moments, score.astype(jnp.float32)))
+        count, mean, m2 = control.score_moments
         score = (score - mean) / jnp.sqrt(m2 / jnp.maximum(count - 1.0, 1.0) + 1e-8)
-    kl = jnp.zeros_like(old) if ref is None else kl_penalty(old, ref_lp, kl_estimator)
-    rewards = shaped_rewards(score, kl, mask, kl_coef=kl_coef, clip_reward=clip_reward, ended=ended)
+    if ref is None:
+        kl = jnp.zeros_like(old)
+    else:
+        kl = kl_penalty(old, response_logprobs(ref, seq, attn, prompt_len)[0], kl_estimator)
+    rewards = shaped_rewards(score, kl, mask, kl_coef=control.kl_coef, clip_reward=clip_reward, ended=ended)
     advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=lam)
     if whiten_advantages:
         advantages = whiten(advantages, mask)
     maskf = mask.astype(jnp.float32)
-    out = dict(batch, old_logprobs=old, old_values=values, advantages=advantages, returns=returns)
-    if ref is not None:
-        out["ref_logprobs"] = ref_lp
+    out = batch.replace(old_logprobs=old, old_values=values, advantages=advantages, returns=returns)
     metrics = {
         "reward/score": jnp.mean(raw_score),
         "reward/mean": jnp.mean(rewards.sum(1)),
@@ -364,30 +411,28 @@ def experience(actor, ref, critic, reward, batch, *, prompt_len: int, kl_coef, k
         "truncated": jnp.mean(1.0 - ended.astype(jnp.float32)),
         "values": masked_mean(values, maskf),
     }
-    if score_stats is not None:
-        metrics.update(score_count=score_stats[0], score_mean=score_stats[1], score_m2=score_stats[2])
-    return out, metrics
+    return out, control, metrics
 
 
-def actor_loss(model, batch, *, prompt_len: int, clip_ratio: float, entropy_coef: float, ptx_coef: float):
-    """Clipped policy loss (+ entropy bonus, + ptx_coef * causal-LM loss on `ptx_*` rows when present).
+def actor_loss(model, batch: Rollout, *, prompt_len: int, clip_ratio: float, entropy_coef: float, ptx_coef: float):
+    """Clipped policy loss (+ entropy bonus, + ptx_coef * causal-LM loss on the `ptx` rows when present).
 
         loss = policy_loss - entropy_coef * entropy + ptx_coef * ptx_loss
     """
-    mask = batch["response_mask"]
-    logprobs, entropies = response_logprobs(model, batch["seq"], batch["attention_mask"], prompt_len, entropy=True)
-    loss, metrics = policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask, clip_ratio=clip_ratio)
+    mask = batch.response_mask
+    logprobs, entropies = response_logprobs(model, batch.seq, batch.attention_mask, prompt_len, entropy=True)
+    loss, metrics = policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, clip_ratio=clip_ratio)
     entropy = masked_mean(entropies, mask)
     loss = loss - entropy_coef * entropy
     metrics = dict(metrics, entropy=entropy)
-    if ptx_coef > 0 and "ptx_input_ids" in batch:
-        ptx = {k[len("ptx_"):]: v for k, v in batch.items() if k.startswith("ptx_")}
-        ptx_loss, ptx_m = sft_loss(model, ptx)
-        if "ptx_ratio" in batch:
-            # The data-parallel step weights each device's loss by its response tokens (`weight`); times
-            # (ptx tokens / response tokens here) * ratio (= global response / global ptx tokens, per row),
-            # the ptx term averages over the global ptx batch's tokens, as on one device.
-            ptx_loss = ptx_loss * ptx_m["weight"] / jnp.maximum(metrics["weight"], 1.0) * batch["ptx_ratio"][0]
+    if ptx_coef > 0 and batch.ptx is not None:
+        ptx = batch.ptx
+        ptx_loss, ptx_m = sft_loss(model, {"input_ids": ptx.input_ids, "attention_mask": ptx.attention_mask,
+                                           "loss_mask": ptx.loss_mask})
+        # The data-parallel step weights each device's loss by its response tokens (`weight`); times
+        # (ptx tokens / response tokens here) * ratio (= global response / global ptx tokens, per row),
+        # the ptx term averages over the global ptx batch's tokens, as on one device.
+        ptx_loss = ptx_loss * ptx_m["weight"] / jnp.maximum(metrics["weight"], 1.0) * ptx.ratio[0]
         loss = loss + ptx_coef * ptx_loss
         metrics["ptx_loss"] = ptx_loss
     return loss, metrics
@@ -395,7 +440,6 @@ def actor_loss(model, batch, *, prompt_len: int, clip_ratio: float, entropy_coef
 
 def critic_loss(model, batch, *, prompt_len: int, value_clip: float, vf_coef: float):
     """vf_coef * clipped value loss on the response tokens."""
-    values = response_values(model, batch["seq"], batch["attention_mask"], prompt_len)
-    loss, metrics = value_loss(values, batch["old_values"], batch["returns"], batch["response_mask"],
-                               value_clip=value_clip)
+    values = response_values(model, batch.seq, batch.attention_mask, prompt_len)
+    loss, metrics = value_loss(values, batch.old_values, batch.returns, batch.response_mask, value_clip=value_clip)
     return vf_coef * loss, metrics

@@ -207,6 +207,7 @@ def _task_accuracy(cfg, model_dir: str, key: str, reward_dir: str | None = None,
     from jaxrl.generation import generate
     from jaxrl.models.hf import load_pretrained
     from jaxrl.train.build import dataset_paths, load_tokenizer
+    from jaxrl.train.rng import rng_stream
 
     (path,), _ = dataset_paths(cfg, "eval")
     with open(path) as f:
@@ -217,7 +218,7 @@ def _task_accuracy(cfg, model_dir: str, key: str, reward_dir: str | None = None,
         model = load_pretrained(model_dir)
         out = generate(model, ids, max_new_tokens=cfg.generation.max_new_tokens,
                        temperature=cfg.generation.temperature, top_p=cfg.generation.top_p,
-                       top_k=cfg.generation.top_k, seed=cfg.seed + 12345, batch_size=64)
+                       top_k=cfg.generation.top_k, rng=rng_stream(cfg.seed, "summary"), batch_size=64)
         texts = [tok.decode(o, skip_special_tokens=True) for o in out]
         result = {key: synthetic.task_accuracy(prompts, texts)}
         if reward_dir is not None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +39,7 @@ from jaxrl.steps import role as role_lib
 from jaxrl.steps.hybrid import HybridEngine
 from jaxrl.steps.role import Role, frozen_spec, lora_only, spec_from
 from jaxrl.train import build, loop
+from jaxrl.train.rng import rng_stream
 
 FAMILY = ("grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp")
 
@@ -47,15 +47,6 @@ FAMILY = ("grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp")
 def settings(cfg: RunConfig) -> GrpoSection:
     """`cfg.grpo` with the algorithm's defaults filled in (`jaxrl.config.GRPO_DEFAULTS`)."""
     return cfg.grpo.resolve(cfg.algorithm, cfg.generation.max_new_tokens)
-
-
-def rng_stream(seed: int, name: str, *ids: int):
-    """A named RNG stream: key(seed) folded with the name's CRC-32, then with each id in turn (nested
-    `fold_in`, so (step, batch, round) never collide as a flat `step * 1000 + batch` would)."""
-    key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
-    for i in ids:
-        key = jax.random.fold_in(key, i)
-    return key
 
 
 def roles(cfg: RunConfig, mesh, tokenizer=None) -> dict[str, Role]:

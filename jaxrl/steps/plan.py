@@ -120,7 +120,8 @@ def train_memory(role: Role, cfg: RunConfig, mesh):
     trainer = role_lib.trainer(role, cfg, mesh, abstract=True)
     state = trainer.abstract_state()
     with jax.set_mesh(mesh):
-        compiled = compile_for_memory(trainer.lower(state, role_lib.abstract_batch(role.batch, trainer.batch_sharding)))
+        batch = role_lib.feed(role, role_lib.abstract_batch(role.batch, trainer.batch_sharding))  # as the run's
+        compiled = compile_for_memory(trainer.lower(state, batch))
     row = memory(f"{role.name} train step", "train", compiled, per_device(state))
     return dataclasses.replace(row, zero_stage=role.spec.zero_stage), trainer
 
@@ -130,7 +131,7 @@ def forward_memory(role: Role, cfg: RunConfig, mesh, *, model=None, resident=Non
     abstract (graphdef, state) it runs on (default: its own, from `role_lib.frozen`); `resident`: the bytes
     it keeps on the devices (default: that state's)."""
     graphdef, state = model or role_lib.frozen(role, cfg, mesh, abstract=True)
-    batch = role_lib.abstract_batch(role.batch, NamedSharding(mesh, P(DATA_AXES)))
+    batch = role_lib.feed(role, role_lib.abstract_batch(role.batch, NamedSharding(mesh, P(DATA_AXES))))
     with jax.set_mesh(mesh):
         compiled = compile_for_memory(role_lib.jit_forward(role, graphdef).lower(state, batch))
     resident = per_device(state) if resident is None else resident

@@ -34,6 +34,7 @@ from jaxrl.steps import role as role_lib
 from jaxrl.steps.hybrid import HybridEngine, generation_mesh
 from jaxrl.steps.role import Role, frozen_spec, lora_only, spec_from
 from jaxrl.train import build, loop
+from jaxrl.train.rng import numpy_seed, rng_stream
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,8 @@ def roles(cfg: RunConfig, mesh, tokenizer=None) -> dict[str, Role]:
     resp_i, resp_f = ((mb, length - plen), jnp.int32), ((mb, length - plen), jnp.float32)  # (B, R)
     actor_batch = {"seq": seq, "attention_mask": seq, "response_mask": resp_i, "old_logprobs": resp_f,
                    "advantages": resp_f}
-    if p.ptx_coef > 0:  # the pretraining rows beside each mini-batch (see PPO._ptx_batch)
-        actor_batch.update({f"ptx_{k}": seq for k in ("input_ids", "attention_mask", "loss_mask")})
-        actor_batch["ptx_ratio"] = ((mb,), jnp.float32)
+    if p.ptx_coef > 0:  # the pre-training rows beside each mini-batch (`ppo.Ptx`, see PPO._ptx_batch)
+        actor_batch["ptx"] = {"input_ids": seq, "attention_mask": seq, "loss_mask": seq, "ratio": ((mb,), jnp.float32)}
     critic_batch = {"seq": seq, "attention_mask": seq, "response_mask": resp_i, "old_values": resp_f,
                     "returns": resp_f}
     rollout = {k: ((p.rollout_batch_size, length), jnp.int32) for k in ("seq", "attention_mask")}
@@ -65,18 +65,19 @@ def roles(cfg: RunConfig, mesh, tokenizer=None) -> dict[str, Role]:
     arch = build.model_arch(cfg.model.path, tokenizer)
     declared = {
         "actor": Role("actor", spec_from(cfg, zero_stage=p.actor.zero_stage), arch, actor_batch, loss=actor_loss,
-                      total_steps=total_updates(cfg), lora_only=lora_only(cfg)),
+                      total_steps=total_updates(cfg), lora_only=lora_only(cfg), make_batch=ppo.Rollout.of),
         "critic": Role("critic", dataclasses.replace(spec_from(cfg, critic_path, kind="score",
                                                                zero_stage=p.critic.zero_stage), lora_rank=0),
                        build.model_arch(critic_path, tokenizer), critic_batch, loss=critic_loss, lr=p.critic_lr,
-                       total_steps=total_updates(cfg)),
+                       total_steps=total_updates(cfg), make_batch=ppo.Rollout.of),
         "reference": Role("reference", frozen_spec(cfg, zero_stage=p.reference.zero_stage,
                                                       dtype=p.reference.precision), arch, rollout,
-                          forward=lambda m, b: ppo.response_logprobs(m, b["seq"], b["attention_mask"], plen)[0]),
+                          forward=lambda m, b: ppo.response_logprobs(m, b.seq, b.attention_mask, plen)[0],
+                          make_batch=ppo.Rollout.of),
         "reward": Role("reward", frozen_spec(cfg, reward_path, kind="score", zero_stage=p.reward.zero_stage,
                                                dtype=p.reward.precision),
                        build.model_arch(reward_path, tokenizer), rollout,
-                       forward=lambda m, b: m.sequence_score(b["seq"], b["attention_mask"])),
+                       forward=lambda m, b: m.sequence_score(b.seq, b.attention_mask), make_batch=ppo.Rollout.of),
     }
     if not needs_reference(cfg):
         del declared["reference"]
@@ -172,6 +173,12 @@ def sampler(cfg: RunConfig, arch, tokenizer=None, *, temperature=None) -> Sample
                          else temperature, top_k=g.top_k, top_p=g.top_p, eos_ids=tuple(eos), pad_id=pad)
 
 
+def controller(kl_coef: float, score_moments) -> ppo.Controller:
+    """A `ppo.Controller` of host fp32 scalars (from the config, or a checkpoint). PPO keeps it on the host
+    between batches: each call then gets fresh arguments of one sharding, and nothing recompiles."""
+    return ppo.Controller(kl_coef=np.float32(kl_coef), score_moments=tuple(np.float32(x) for x in score_moments))
+
+
 def rollout(hybrid: HybridEngine, actor_state, prompts: dict, rng, sampler: SamplerConfig, train_sharding) -> dict:
     """One rollout batch: generated on the generation mesh from a fresh generation copy of the actor (then
     dropped), moved device to device onto the training mesh.
@@ -196,7 +203,8 @@ def rollout(hybrid: HybridEngine, actor_state, prompts: dict, rng, sampler: Samp
 
 
 class PPO:
-    """Rollouts and updates for the shared loop; state = {'actor', 'critic', 'ema'}."""
+    """Rollouts and updates for the shared loop; state = {'actor', 'critic', 'ema'}, and beside it the
+    controller state (`ppo.Controller`, checkpointed with the data positions, `data_state`)."""
 
     def __init__(self, cfg: RunConfig, mesh, roles: Roles, prompts: dict, eval_prompts: dict | None,
                  ptx: dict | None):
@@ -206,9 +214,8 @@ class PPO:
         self.mini_rows = mb = mini_batch_rows(cfg, mesh)
         self.prompts = build.iterator(prompts, self.rows, cfg.seed)
         self.eval_prompts = eval_prompts
-        self.ptx = build.iterator(ptx, mb, cfg.seed + 1) if ptx is not None else None
-        self.kl_coef = p.kl_coef
-        self.score_stats = (0.0, 0.0, 0.0)  # running (count, mean, M2) of reward scores (ppo.normalize_reward)
+        self.ptx = build.iterator(ptx, mb, numpy_seed(cfg.seed, "ptx")) if ptx is not None else None
+        self.control = controller(p.kl_coef, (0.0, 0.0, 0.0))
         self.sampler = sampler(cfg, roles.arch, roles.tokenizer)
         self.train_sharding = roles.actor.batch_sharding
         self._experience = jax.jit(self._experience_fn)
@@ -223,16 +230,18 @@ class PPO:
         return {"actor": actor, "critic": self.roles.critic.init_state(), "ema": ema}
 
     def data_state(self) -> dict:
-        return {"prompts": self.prompts.state(), "kl_coef": self.kl_coef, "score_stats": list(self.score_stats),
-                "ptx": self.ptx.state() if self.ptx else {}}
+        """The data positions and the controller state, as JSON (fp32 values, so exact in a float)."""
+        c = self.control
+        return {"prompts": self.prompts.state(), "kl_coef": float(c.kl_coef),
+                "score_stats": [float(x) for x in c.score_moments], "ptx": self.ptx.state() if self.ptx else {}}
 
     def restore_data(self, d: dict) -> None:
         self.prompts.restore(d["prompts"])
-        self.kl_coef = float(d["kl_coef"])
-        if self.roles.ref is None and self.kl_coef != 0:
-            raise JaxrlError(f"the checkpoint's KL coefficient is {self.kl_coef}, but ppo.kl_coef=0 loaded no "
+        kl_coef = float(d["kl_coef"])
+        if self.roles.ref is None and kl_coef != 0:
+            raise JaxrlError(f"the checkpoint's KL coefficient is {kl_coef}, but ppo.kl_coef=0 loaded no "
                              f"reference model; resume with the ppo.kl_coef the run started with")
-        self.score_stats = tuple(float(x) for x in d.get("score_stats", self.score_stats))
+        self.control = controller(kl_coef, d.get("score_stats", (0.0, 0.0, 0.0)))
         if self.ptx and d.get("ptx"):
             self.ptx.restore(d["ptx"])
 
@@ -243,14 +252,11 @@ class PPO:
         times = {"time/generation": 0.0, "time/experience": 0.0}
         rollouts, exp_metrics = [], []
         for g in range(p.generation_batches):
-            rng = jax.random.fold_in(jax.random.key(self.cfg.seed), step * 1000 + g)
             t0 = time.perf_counter()
-            batch = self.rollout(state["actor"], next(self.prompts), rng)
+            batch = self.rollout(state["actor"], next(self.prompts), rng_stream(self.cfg.seed, "rollout", step, g))
             t1 = time.perf_counter()
-            exp, m = self.score(state, batch)
-            m = jax.device_get(m)
-            if "score_count" in m:  # the next batch normalises with these
-                self.score_stats = tuple(float(m.pop(k)) for k in ("score_count", "score_mean", "score_m2"))
+            exp, control, m = self.score(state, batch, self.control)
+            self.control, m = jax.device_get((control, m))  # the next batch reads this controller
             times["time/generation"] += t1 - t0
             times["time/experience"] += time.perf_counter() - t1
             rollouts.append(exp)
@@ -261,28 +267,31 @@ class PPO:
         jax.block_until_ready(state)
         times["time/train"] = time.perf_counter() - t2
         metrics = build.weighted_mean(exp_metrics)
+        kl_coef = float(self.control.kl_coef)
         if p.adaptive_kl:
-            self.kl_coef = float(ppo.kl_coef_update(self.kl_coef, metrics["kl"], self.rows * p.generation_batches,
-                                                    target=p.kl_target, horizon=p.kl_horizon))
-        metrics.update(train_metrics, kl_coef=self.kl_coef, **times)
+            kl_coef = float(ppo.kl_coef_update(kl_coef, metrics["kl"], self.rows * p.generation_batches,
+                                               target=p.kl_target, horizon=p.kl_horizon))
+            self.control = self.control.replace(kl_coef=np.float32(kl_coef))
+        metrics.update(train_metrics, kl_coef=kl_coef, **times)
         return state, metrics
 
-    def rollout(self, actor_state, prompts: dict, rng, *, sampler: SamplerConfig | None = None) -> dict:
+    def rollout(self, actor_state, prompts: dict, rng, *, sampler: SamplerConfig | None = None) -> ppo.Rollout:
         """Generates on the generation mesh from a fresh generation copy of the actor, then drops it."""
         batch = rollout(self.roles.hybrid, actor_state, prompts, rng, sampler or self.sampler, self.train_sharding)
-        del batch["sampler_logprobs"]  # PPO's old log-probs come from the training forward
-        return batch
+        # PPO's old log-probs come from the training forward, not from the sampler's.
+        return ppo.Rollout(seq=batch["seq"], attention_mask=batch["attention_mask"],
+                           response_mask=batch["response_mask"])
 
-    def score(self, state, batch):
+    def score(self, state, batch: ppo.Rollout, control: ppo.Controller):
+        """`ppo.experience` of one sampled batch: (the filled Rollout, the next Controller, metrics)."""
         a, c = state["actor"], state["critic"]
         with jax.set_mesh(self.mesh):
-            stats = tuple(jnp.float32(x) for x in self.score_stats) if self.cfg.ppo.normalize_reward else None
             ref = None if self.roles.ref is None else self.roles.ref[1]
             return settle(self._experience(a.params, a.frozen, ref, c.params, c.frozen, self.roles.reward[1], batch,
-                                           jnp.float32(self.kl_coef), stats))
+                                           control))
 
     def _experience_fn(self, actor_params, actor_frozen, ref_state, critic_params, critic_frozen, reward_state,
-                       batch, kl_coef, score_stats):
+                       batch, control):
         p = self.cfg.ppo
         r = self.roles
         rows = P(DATA_AXES)
@@ -291,13 +300,13 @@ class PPO:
             None if ref_state is None else shard_activations(nnx.merge(r.ref[0], ref_state), rows),
             shard_activations(nnx.merge(r.critic.graphdef, critic_params, critic_frozen), rows),
             shard_activations(nnx.merge(r.reward[0], reward_state), rows),
-            batch, prompt_len=self.cfg.data.max_prompt_len, kl_coef=kl_coef, kl_estimator=p.kl_estimator,
+            batch, control, prompt_len=self.cfg.data.max_prompt_len, kl_estimator=p.kl_estimator,
             clip_reward=p.clip_reward, gamma=p.gamma, lam=p.lam, whiten_advantages=p.whiten_advantages,
-            eos_ids=self.sampler.eos_ids, score_stats=score_stats)
+            eos_ids=self.sampler.eos_ids, normalize_reward=p.normalize_reward)
 
     def train(self, state, experience, step):
         p = self.cfg.ppo
-        n = jax.tree.leaves(experience)[0].shape[0]
+        n = experience.seq.shape[0]
         shuffle = np.random.RandomState([self.cfg.seed, step])
         actor_m, critic_m = [], []
         with jax.set_mesh(self.mesh):
@@ -306,7 +315,7 @@ class PPO:
                 for i in range(p.mini_batches):
                     idx = jnp.asarray(order[i * self.mini_rows:(i + 1) * self.mini_rows])
                     mb = settle(self._take(experience, idx))
-                    actor_mb = dict(mb, **self._ptx_batch(mb)) if self.ptx else mb
+                    actor_mb = mb.replace(ptx=self._ptx_batch(mb)) if self.ptx else mb
                     actor_mb = role_lib.feed(self.roles.declared["actor"], actor_mb)
                     critic_mb = role_lib.feed(self.roles.declared["critic"], mb)
                     state["actor"], am = self.roles.actor.step(state["actor"], actor_mb)
@@ -328,10 +337,10 @@ class PPO:
         micro, k = jax.device_get(micro), self.cfg.optim.grad_accum
         return build.weighted_mean([build.window_metrics(micro[i:i + k]) for i in range(0, len(micro), k)])
 
-    def _ptx_batch(self, mb: dict) -> dict:
+    def _ptx_batch(self, mb: ppo.Rollout) -> ppo.Ptx:
         b = build.to_device(next(self.ptx), self.train_sharding)
-        b["ratio"] = self._ptx_ratio(mb["response_mask"], b["loss_mask"])  # see ppo.actor_loss
-        return {f"ptx_{k}": v for k, v in b.items()}
+        return ppo.Ptx(input_ids=b["input_ids"], attention_mask=b["attention_mask"], loss_mask=b["loss_mask"],
+                       ratio=self._ptx_ratio(mb.response_mask, b["loss_mask"]))  # see ppo.actor_loss
 
     @functools.cached_property
     def _ptx_ratio(self):
@@ -355,16 +364,15 @@ class PPO:
         scores, prompts, responses = [], [], []
         p_len = self.cfg.data.max_prompt_len
         for i, batch in enumerate(it):
-            key = jax.random.fold_in(jax.random.key(self.cfg.seed + 7), i)
             valid = build.to_device({"valid": batch.pop("valid")}, self.train_sharding)["valid"]
-            rolled = self.rollout(state["actor"], batch, key, sampler=cfg_s)
+            rolled = self.rollout(state["actor"], batch, rng_stream(self.cfg.seed, "eval", i), sampler=cfg_s)
             with jax.set_mesh(self.mesh):
                 score = self._score_only(self.roles.reward[1], rolled)
             real = to_host(valid) > 0  # every process decodes all rows
-            rolled = {k: to_host(v)[real] for k, v in rolled.items()}
+            seq, attn, resp = (to_host(x)[real] for x in (rolled.seq, rolled.attention_mask, rolled.response_mask))
             scores.append(to_host(score)[real])
-            prompts += self.decode(rolled["seq"][:, :p_len], rolled["attention_mask"][:, :p_len])
-            responses += self.decode(rolled["seq"][:, p_len:], rolled["response_mask"])
+            prompts += self.decode(seq[:, :p_len], attn[:, :p_len])
+            responses += self.decode(seq[:, p_len:], resp)
         out = {"score": float(np.mean(np.concatenate(scores)))} if scores else {}
         if scores and self.cfg.data.paths == ("synthetic",):
             out["task_accuracy"] = synthetic.task_accuracy(prompts, responses)

@@ -27,7 +27,8 @@ from jaxrl.parallel.sharding import DATA_AXES, Layout, spec_tree, zero_layout
 from jaxrl.precision import dtype_of
 from jaxrl.train.step import LossFn, Trainer
 
-BatchShapes = dict[str, tuple[tuple[int, ...], Any]]  # name -> (global shape, dtype) of one call's batch
+# name -> (global shape, dtype) of one call's batch entry, or a nested BatchShapes: the fields of a sub-struct
+BatchShapes = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +82,7 @@ class Role:
 
     A trained role has a `loss` and becomes a `Trainer`; a frozen one has a `forward` and becomes
     (graphdef, state). `batch` is one call's global batch: a micro-batch for a trained role, a rollout
-    batch for a frozen one.
+    batch for a frozen one; `make_batch` turns its entries into what the loss or forward reads.
     """
 
     name: str  # 'actor', 'critic', 'reference', 'reward'
@@ -96,6 +97,9 @@ class Role:
     # Frozen: runs on this trained role's weights instead of a model of its own (DPO's reference under
     # LoRA: the policy with its adapters off); `spec` is then that role's, and nothing more is resident.
     shares: str | None = None
+    # The declared entries (a dict, nested dicts for sub-structs) -> the batch the loss or forward takes:
+    # the dict itself, or a typed struct (PPO's `Rollout.of`).
+    make_batch: Callable[[dict], Any] = dict
 
     @property
     def trainable(self) -> bool:
@@ -194,17 +198,41 @@ def jit_forward(role: Role, graphdef):
 
 
 def abstract_batch(shapes: BatchShapes, sharding) -> dict:
-    """`jax.ShapeDtypeStruct`s of one call's batch, laid out by `sharding`."""
-    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
+    """`jax.ShapeDtypeStruct`s of one call's batch entries (nested as declared), laid out by `sharding`."""
+    return {k: abstract_batch(v, sharding) if isinstance(v, dict) else jax.ShapeDtypeStruct(*v, sharding=sharding)
+            for k, v in shapes.items()}
 
 
-def feed(role: Role, batch: dict) -> dict:
-    """The entries of `batch` that `role.batch` declares, checked against its shapes and dtypes: what the
-    plan lowers is then what the run feeds. A mismatch is a wiring bug in the step module, not a user error."""
-    missing = sorted(set(role.batch) - set(batch))
-    got = {k: (tuple(batch[k].shape), jnp.dtype(batch[k].dtype)) for k in role.batch if k in batch}
-    want = {k: (tuple(shape), jnp.dtype(dtype)) for k, (shape, dtype) in role.batch.items()}
+def feed(role: Role, batch) -> Any:
+    """The entries of `batch` (a dict, or a struct such as PPO's `Rollout`) that `role.batch` declares,
+    checked against its shapes and dtypes, as the role's batch (`role.make_batch`): what the plan lowers is
+    then what the run feeds. A mismatch is a wiring bug in the step module, not a user error."""
+    have, declared = _entries(batch), _entries(role.batch)
+    missing = sorted(set(declared) - set(have))
+    got = {k: (tuple(have[k].shape), jnp.dtype(have[k].dtype)) for k in declared if k in have}
+    want = {k: (tuple(shape), jnp.dtype(dtype)) for k, (shape, dtype) in declared.items()}
     if missing or got != want:
         raise RuntimeError(f"the {role.name} role was fed {got} (missing {missing}) but declares {want}: "
                            "the step's roles() and its run disagree")
-    return {k: batch[k] for k in role.batch}
+    nested: dict = {}
+    for name in declared:  # 'ptx.input_ids' -> nested['ptx']['input_ids']
+        *outer, last = name.split(".")
+        node = nested
+        for key in outer:
+            node = node.setdefault(key, {})
+        node[last] = have[name]
+    return role.make_batch(nested)
+
+
+def _entries(tree, prefix: str = "") -> dict:
+    """A batch or a declaration as {name: leaf}, a sub-struct's names dotted ('ptx.input_ids'): dicts and
+    dataclasses open up (fields that are None skipped), anything else is a leaf."""
+    if dataclasses.is_dataclass(tree):
+        tree = {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)}
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) or dataclasses.is_dataclass(v):
+            out.update(_entries(v, f"{prefix}{k}."))
+        elif v is not None:
+            out[f"{prefix}{k}"] = v
+    return out
