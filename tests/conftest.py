@@ -25,3 +25,14 @@ assert jax.device_count() == 8, "tests expect 8 simulated CPU devices"
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: one worker per core, at most 4; every worker holds 8 simulated devices, jax and torch."""
     return max(1, min(os.cpu_count() or 1, 4))
+
+
+# The longest files first: pytest-xdist hands each worker whole files in collection order, and a long file
+# started last leaves the other worker idle at the end (longest-processing-time-first scheduling).
+_LONGEST_FIRST = ("test_pipeline.py", "test_multihost_pipeline.py", "test_multihost.py", "test_training_core.py",
+                  "test_ppo.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
