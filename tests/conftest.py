@@ -27,8 +27,9 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(os.cpu_count() or 1, 4))
 
 
-# The longest files first: pytest-xdist hands each worker whole files in collection order, and a long file
-# started last leaves the other worker idle at the end (longest-processing-time-first scheduling).
+# The longest files first: pytest-xdist hands each worker whole files in collection order (with
+# --no-loadscope-reorder, see pyproject.toml), and a long file started last leaves the other worker idle at
+# the end (longest-processing-time-first scheduling).
 _LONGEST_FIRST = ("test_pipeline.py", "test_multihost_pipeline.py", "test_multihost.py", "test_training_core.py",
                   "test_ppo.py")
 
