@@ -38,7 +38,7 @@ from jaxrl.steps import ppo
 from jaxrl.steps import role as role_lib
 from jaxrl.steps.hybrid import HybridEngine
 from jaxrl.steps.role import Role, frozen_spec, lora_only, spec_from
-from jaxrl.train import build, loop
+from jaxrl.train import build
 from jaxrl.train.rng import rng_stream
 
 FAMILY = ("grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp")
@@ -380,21 +380,12 @@ def run(cfg: RunConfig) -> dict:
             check_row_fields(cfg, rewards, prompts, eval_prompts)
         roles = load_roles(cfg, mesh, tok)
         trainer = GRPO(cfg, mesh, roles, prompts, eval_prompts, rewards)
-        result = {}
-
-        def evaluate(state):
-            result.update(trainer.evaluate(state))
-            return dict(result)
 
         def export(state, directory):
             with jax.set_mesh(mesh):
                 save_pretrained(roles.actor.model(state["actor"]), directory, tokenizer=roles.tokenizer)
 
-        spec = loop.Loop(name=cfg.algorithm, steps=cfg.train.steps, state=trainer.init_state(), update=trainer.update,
-                         evaluate=evaluate, export=export, data_state=trainer.data_state,
-                         restore_data=trainer.restore_data, show=("reward/score", "kl"),
-                         allow_nonfinite=cfg.precision.compute == "fp16", config=cfg)
-        loop.run(spec, build.schedule(cfg), cfg.output)
+        result = ppo.run_loop(cfg, trainer, export, name=cfg.algorithm)
     finally:
         if rewards is not None:
             rewards.close()

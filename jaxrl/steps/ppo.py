@@ -414,11 +414,6 @@ def run(cfg: RunConfig) -> dict:
     roles = load_roles(cfg, mesh)
     prompts, eval_prompts, ptx = load_prompts(cfg, roles.tokenizer)
     trainer = PPO(cfg, mesh, roles, prompts, eval_prompts, ptx)
-    result = {}
-
-    def evaluate(state):
-        result.update(trainer.evaluate(state))
-        return dict(result)
 
     def export(state, directory):
         with jax.set_mesh(mesh):
@@ -429,9 +424,23 @@ def run(cfg: RunConfig) -> dict:
                     ema = nnx.merge(roles.actor.graphdef, state["ema"], state["actor"].frozen)
                     save_pretrained(ema, directory + "-ema", tokenizer=roles.tokenizer)
 
-    state = trainer.init_state()
-    spec = loop.Loop(name="ppo", steps=cfg.train.steps, state=state, update=trainer.update, evaluate=evaluate,
-                     export=export, data_state=trainer.data_state, restore_data=trainer.restore_data,
-                     show=("reward/score", "kl"), allow_nonfinite=cfg.precision.compute == "fp16", config=cfg)
+    return run_loop(cfg, trainer, export, name="ppo")
+
+
+def run_loop(cfg: RunConfig, trainer, export, *, name: str) -> dict:
+    """Runs an RL trainer (PPO, or one of the GRPO family) in the shared loop; returns its last eval metrics.
+
+    `trainer` gives init_state, update, evaluate, data_state and restore_data; `export(state, directory)`
+    writes its models."""
+    result = {}
+
+    def evaluate(state):
+        result.update(trainer.evaluate(state))
+        return dict(result)
+
+    spec = loop.Loop(name=name, steps=cfg.train.steps, state=trainer.init_state(), update=trainer.update,
+                     evaluate=evaluate, export=export, data_state=trainer.data_state,
+                     restore_data=trainer.restore_data, show=("reward/score", "kl"),
+                     allow_nonfinite=cfg.precision.compute == "fp16", config=cfg)
     loop.run(spec, build.schedule(cfg), cfg.output)
     return result
