@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from jaxrl.errors import JaxrlError
 from jaxrl.models.config import ModelConfig
 from jaxrl.parallel.sharding import ModelShardings, current_mesh, fit_spec
 
@@ -326,13 +327,16 @@ class Transformer(nnx.Module):
         """
         graphdef, stacked = nnx.split(self.layers)
         stacked = nnx.to_pure_dict(stacked)
+        # Each leaf's float dtype: its own, or for layers stored as bits (`pack_layers`) the compute dtype.
+        dtypes = jax.tree.map(lambda x: self.dtype if x.dtype == jnp.uint16 else x.dtype, stacked)
         gather, act_spec = self.gathers.layer, self.act_spec
 
         def body(carry, xs):
             h, layer_cache = carry
             params, layer = xs
             if gather is not None:
-                params = gather(params)
+                params = gather(params)  # as bits where 16-bit: XLA:CPU has no bf16 all-gather either
+            params = jax.tree.map(_from_bits, params, dtypes)
             h, layer_cache = nnx.merge(graphdef, params)(h, positions, mask, layer_cache, cache_index, layer)
             if act_spec is not None:
                 h = jax.lax.with_sharding_constraint(h, act_spec)
@@ -348,7 +352,7 @@ class Transformer(nnx.Module):
             # and gather the layer again in the backward scan instead.
             body = jax.checkpoint(body, policy=REMAT_POLICIES["dots"], prevent_cse=False)
         layers = jnp.arange(self.config.num_layers)
-        (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, layers))
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (jax.tree.map(_as_bits, stacked), layers))
         return x, cache
 
     def _embed_tokens(self, ids):  # (B, T) -> (B, T, E) in the table's dtype
@@ -386,6 +390,55 @@ class Transformer(nnx.Module):
         shape = (c.num_layers, batch, length, c.num_kv_heads, c.head_dim)
         dtype = dtype or self.dtype
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+@jax.custom_jvp
+def _as_bits(x):
+    """A 16-bit float array as uint16 holding the same bits (other arrays unchanged); `_from_bits` undoes it.
+
+    The scan carries 16-bit stacked weights (frozen models, the generation copy) as integers: XLA:CPU has
+    no bf16/fp16 loops, and converts every 16-bit array a while loop carries to fp32 before the loop: a
+    second, fp32 copy of all the model's layers (device memory a TPU or GPU run never needs). As bits,
+    only the layer in use is converted, inside the body. Free on every backend (a bitcast). Trained
+    weights are fp32 (the master copy), so none is differentiated through here.
+    """
+    if x.dtype.itemsize != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
+        return x
+    return jax.lax.bitcast_convert_type(x, jnp.uint16)
+
+
+@_as_bits.defjvp
+def _as_bits_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    if x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating):
+        raise JaxrlError(f"a {x.dtype} stacked layer parameter was differentiated; trained parameters must "
+                         "be fp32 (a master copy), and only frozen weights in the compute dtype")
+    return x, t
+
+
+def _from_bits(x, dtype):
+    return jax.lax.bitcast_convert_type(x, dtype) if x.dtype == jnp.uint16 and dtype != jnp.uint16 else x
+
+
+def pack_layers(model: nnx.Module) -> nnx.Module:
+    """Stores each Transformer's stacked layer weights that are in its 16-bit compute dtype as uint16 bits
+    (in place; concrete or `nnx.eval_shape`'d); returns `model`. For models that are only run, never
+    trained (frozen roles, the generation copy): `_scan_blocks` then carries them into its loop as they
+    are, where a bf16 array would be copied to bits there, once per call (see `_as_bits`)."""
+    for _, module in nnx.iter_graph(model):
+        if not isinstance(module, Transformer) or jnp.dtype(module.dtype).itemsize != 2:
+            continue
+        for _, var in nnx.iter_graph(module.layers):
+            if isinstance(var, nnx.Param) and var.get_value().dtype == module.dtype:
+                var.set_value(to_bits(var.get_value()))
+    return model
+
+
+def to_bits(x):
+    """A 16-bit float array (or its `jax.ShapeDtypeStruct`) as uint16 bits, keeping its sharding."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, jnp.uint16, sharding=x.sharding)
+    return jax.lax.bitcast_convert_type(x, jnp.uint16)
 
 
 def shard_activations(model: nnx.Module, spec: P | None) -> nnx.Module:

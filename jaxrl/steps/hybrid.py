@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxrl.models.lora import merge_lora
+from jaxrl.models.transformer import pack_layers, store_params, to_bits
 from jaxrl.parallel.mesh import make_mesh, settle
 from jaxrl.parallel.sharding import DATA_AXES, model_shardings, spec_tree
 
@@ -44,6 +45,7 @@ class HybridEngine:
         tensor = gen_mesh.shape["tensor"] > 1
         with jax.set_mesh(gen_mesh):
             abstract = nnx.eval_shape(lambda: build(model_shardings(shard_params=False, tensor=tensor)))
+        abstract = pack_layers(store_params(abstract, dtype))  # the copy's weights: inference dtype, layers as bits
         self.gen_graphdef, abstract_state = nnx.split(abstract)
         self._abstract = nnx.to_pure_dict(abstract_state)
         self.specs = spec_tree(abstract_state)
@@ -55,7 +57,14 @@ class HybridEngine:
     def _to_generation(self, params, frozen):
         model = merge_lora(nnx.merge(self.graphdef, params, frozen))
         state = nnx.to_pure_dict(nnx.state(model))
-        return jax.tree.map(lambda x: x.astype(self.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+        return jax.tree.map(self._cast, state, self._abstract)
+
+    def _cast(self, x, like):
+        """A training-layout leaf as the copy holds it (`like`): the inference dtype, or its bits."""
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        x = x.astype(self.dtype)
+        return to_bits(x) if like.dtype == jnp.uint16 else x
 
     def generation_copy(self, params: dict, frozen: dict) -> nnx.Module:
         """The actor on the generation mesh in the inference dtype (one jitted resharding step).
@@ -74,7 +83,7 @@ class HybridEngine:
         """(graphdef, state) of the generation copy, its state as `jax.ShapeDtypeStruct`s in the inference
         dtype with their shardings: what `generation_copy` makes, for ahead-of-time lowering (`jaxrl plan`)."""
         def leaf(x, sharding):
-            dtype = self.dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+            dtype = self.dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype  # uint16: bits
             return jax.ShapeDtypeStruct(x.shape, dtype, sharding=sharding)
 
         return self.gen_graphdef, jax.tree.map(leaf, self._abstract, self.shardings)

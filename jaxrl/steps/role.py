@@ -21,7 +21,7 @@ from jaxrl.config import RunConfig
 from jaxrl.models import config as model_config
 from jaxrl.models.hf import load_pretrained
 from jaxrl.models.lora import add_lora
-from jaxrl.models.transformer import ScoreModel, Transformer, shard_activations, store_params
+from jaxrl.models.transformer import ScoreModel, Transformer, pack_layers, shard_activations, store_params
 from jaxrl.optim import make_optimizer
 from jaxrl.parallel.sharding import DATA_AXES, Layout, spec_tree, zero_layout
 from jaxrl.precision import dtype_of
@@ -177,7 +177,7 @@ def frozen(role: Role, cfg: RunConfig, mesh, *, abstract: bool = False) -> tuple
     """A frozen role as (graphdef, state): its pure-dict state on `mesh` (with `abstract`: as
     `jax.ShapeDtypeStruct`s carrying their shardings)."""
     model, _ = born(role.spec, role.arch, mesh, abstract=abstract)
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(pack_layers(model))
     if not abstract:
         return graphdef, state
     specs = spec_tree(state)
