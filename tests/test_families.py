@@ -112,7 +112,8 @@ def test_longrope_uses_the_short_factors_within_the_original_context(hf_models):
     print(f"phi3-longrope (short factors): max |diff| / max |ref| = {diff:.2e}")
     assert diff < 1e-4
     scaling = dict(model.config.rope_scaling)
-    long_cfg = model.config.replace(rope_scaling=tuple(sorted({**scaling, "short_factor": scaling["long_factor"]}.items())))
+    scaling["short_factor"] = scaling["long_factor"]
+    long_cfg = model.config.replace(rope_scaling=tuple(sorted(scaling.items())))
     swapped = Transformer(long_cfg, rngs=nnx.Rngs(0))  # the same weights, the long factors at every length
     nnx.update(swapped, nnx.state(model, nnx.Param))
     wrong = _rel_diff(_logits(swapped, ids, mask), ref, mask)
@@ -259,3 +260,24 @@ def test_qwen3_sliding_window_on_every_layer_is_read(hf_models, tmp_path):
     assert load_pretrained(directory).config.sliding_window == 8
     directory = _edited(hf_models["qwen3"][0], tmp_path / "off", use_sliding_window=False, sliding_window=8)
     assert load_pretrained(directory).config.sliding_window == 0
+
+
+def test_phi3_lora_on_split_projections_exports_fused(hf_models, tmp_path):
+    """LoRA on q, k, v, gate and up (split from Phi-3's fused weights): the export merges each branch and
+    fuses the parts again, and transformers' reload gives the LoRA model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from jaxrl.models.lora import add_lora
+
+    directory, _, _ = hf_models["phi3"]
+    model = add_lora(load_pretrained(directory), rank=4, alpha=8.0, targets=("q", "k", "v", "gate", "up"))
+    for _, var in nnx.iter_graph(model):  # B starts at zero: make every branch change its projection
+        if isinstance(var, nnx.LoRAParam):
+            var[...] = 0.1 * jax.random.normal(jax.random.key(var.size), var.shape, var.dtype)
+    ids, mask = fx.padded_batch()
+    ours = _logits(model, ids, mask)
+    assert _rel_diff(ours, _logits(load_pretrained(directory), ids, mask), mask) > 1e-2
+    save_pretrained(model, str(tmp_path / "merged"))
+    reloaded, info = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert _rel_diff(ours, fx.torch_logits(reloaded.eval(), ids, mask), mask) < 1e-5

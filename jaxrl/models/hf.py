@@ -2,8 +2,9 @@
 
 One declarative table per family maps HF tensor names to jaxrl parameter paths ({i} = layer index),
 with a transform: 'T' transposes a torch Linear weight [out, in] to our kernel [in, out]; 'split3'
-cuts GPT-2's fused c_attn into q, k, v; 'Tsplit' cuts a fused torch Linear (Phi-3's qkv_proj, gate_up_proj)
-into its parts by rows (each part as wide as its kernel), transposed. Every tensor's shape is checked against the model's.
+cuts GPT-2's fused c_attn into q, k, v; 'Tsplit' cuts a fused torch Linear (Phi-3's qkv_proj,
+gate_up_proj) into its parts by rows (each part as wide as its kernel), transposed. Every tensor's shape is
+checked against the model's.
 Per-layer tensors (`layers.{i}.X`) go into, and come out of, row i of the stacked parameter `layers.X`
 (leading layer axis L; see jaxrl.models.transformer).
 Safetensors only: nothing is ever unpickled.
@@ -259,8 +260,9 @@ def _sliding_window(family, d: dict) -> int:
         if not window or set(types) == {"full_attention"}:
             return 0
         if set(types) != {"sliding_attention"}:
-            raise JaxrlError(f"layer_types mixes sliding and full attention ({types}); jaxrl's qwen3 uses one "
-                             "window for every layer: set use_sliding_window=false or max_window_layers=0")
+            raise JaxrlError(f"layer_types mixes sliding and full attention ({types}), which jaxrl's qwen3 does "
+                             "not support: it applies one window to every layer (use_sliding_window with "
+                             "max_window_layers=0) or none")
     return window
 
 
