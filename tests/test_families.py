@@ -281,3 +281,19 @@ def test_phi3_lora_on_split_projections_exports_fused(hf_models, tmp_path):
     reloaded, info = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert _rel_diff(ours, fx.torch_logits(reloaded.eval(), ids, mask), mask) < 1e-5
+
+
+def test_phi3_config_in_the_hub_spelling_is_read(hf_models, tmp_path):
+    """Phi-3.5 / Phi-4-mini's config.json spelling: `rope_scaling` with the old `type` key, and
+    `partial_rotary_factor` and `original_max_position_embeddings` at the top level."""
+    from transformers import AutoModelForCausalLM
+
+    directory = _edited(hf_models["phi3-longrope"][0], tmp_path, rope_parameters=None, rope_theta=10000.0,
+                        rope_scaling={"type": "longrope", "short_factor": _LONGROPE["short_factor"],
+                                      "long_factor": _LONGROPE["long_factor"]},
+                        partial_rotary_factor=0.75, original_max_position_embeddings=4)
+    model = load_pretrained(directory)
+    assert model.config == hf_models["phi3-longrope"][2].config
+    ids, mask = fx.padded_batch()
+    ref = fx.torch_logits(AutoModelForCausalLM.from_pretrained(directory).eval(), ids, mask)
+    assert _rel_diff(_logits(model, ids, mask), ref, mask) < 1e-4
