@@ -1,5 +1,5 @@
-"""One config for the decoder-only transformer, covering the Llama (Llama 2/3, Mistral, Qwen2), OPT
-and GPT-2 families; plus tiny presets for fresh models."""
+"""One config for the decoder-only transformer, covering the Llama (Llama 2/3/3.2, Mistral, Qwen2/2.5,
+Qwen3, Phi-3), OPT and GPT-2 families; plus tiny presets for fresh models."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class ModelConfig:
     The families differ only in the switches below; `family` picks the HF conversion table.
     """
 
-    family: str  # 'llama' | 'mistral' | 'qwen2' | 'opt' | 'gpt2'
+    family: str  # 'llama' | 'mistral' | 'qwen2' | 'qwen3' | 'phi3' | 'opt' | 'gpt2'
     vocab_size: int
     hidden_size: int  # D: width of the residual stream
     num_layers: int
@@ -43,6 +43,10 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # Qwen3 and Phi-3 (issue 15).
+    qk_norm: bool = False  # RMSNorm over each head's H features of queries and keys, before RoPE (Qwen3)
+    rotary_dim: int = 0  # features of each head RoPE rotates (the first ones, the rest pass); 0 = all H
+    # (Phi-3's partial_rotary_factor * H)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -55,6 +59,13 @@ class ModelConfig:
             allowed = _CHOICES[name]
             if getattr(self, name) not in allowed:
                 raise JaxrlError(f"model {name} {getattr(self, name)!r} is not one of {allowed}")
+        if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
+            raise JaxrlError(f"rotary_dim ({self.rotary_dim}) must be even and at most head_dim ({self.head_dim})")
+
+    @property
+    def rope_dim(self) -> int:
+        """The features of each head that RoPE rotates."""
+        return self.rotary_dim or self.head_dim
 
     @property
     def embed_width(self) -> int:
@@ -71,7 +82,7 @@ class ModelConfig:
         return dataclasses.replace(self, **kw)
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "opt", "gpt2")
+FAMILIES = ("llama", "mistral", "qwen2", "opt", "gpt2", "qwen3", "phi3")
 _CHOICES = {
     "norm": ("rms", "layer"),
     "activation": ("silu", "relu", "gelu_new", "gelu"),

@@ -2,7 +2,9 @@
 
 One declarative table per family maps HF tensor names to jaxrl parameter paths ({i} = layer index),
 with a transform: 'T' transposes a torch Linear weight [out, in] to our kernel [in, out]; 'split3'
-cuts GPT-2's fused c_attn into q, k, v. Every tensor's shape is checked against the model's.
+cuts GPT-2's fused c_attn into q, k, v; 'Tsplit' cuts a fused torch Linear (Phi-3's qkv_proj,
+gate_up_proj) into its parts by rows (each part as wide as its kernel), transposed. Every tensor's shape is
+checked against the model's.
 Per-layer tensors (`layers.{i}.X`) go into, and come out of, row i of the stacked parameter `layers.X`
 (leading layer axis L; see jaxrl.models.transformer).
 Safetensors only: nothing is ever unpickled.
@@ -98,7 +100,23 @@ _GPT2 = [
     ("transformer.ln_f.weight", "final_norm.scale", None),
     ("transformer.ln_f.bias", "final_norm.bias", None),
 ]
-TABLES = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "opt": _OPT, "gpt2": _GPT2}
+# Qwen3 and Phi-3 (issue 15).
+_QWEN3 = _LLAMA + [
+    ("model.layers.{i}.self_attn.q_norm.weight", "layers.{i}.attn.q_norm.scale", None),
+    ("model.layers.{i}.self_attn.k_norm.weight", "layers.{i}.attn.k_norm.scale", None),
+]
+_PHI3 = [
+    ("model.embed_tokens.weight", "embed.embedding", None),
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.scale", None),
+    ("model.layers.{i}.self_attn.qkv_proj.weight", "layers.{i}.attn.{q,k,v}.kernel", "Tsplit"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attn.o.kernel", "T"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.scale", None),
+    ("model.layers.{i}.mlp.gate_up_proj.weight", "layers.{i}.mlp.{gate,up}.kernel", "Tsplit"),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down.kernel", "T"),
+    ("model.norm.weight", "final_norm.scale", None),
+]
+TABLES = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "opt": _OPT, "gpt2": _GPT2, "qwen3": _QWEN3,
+          "phi3": _PHI3}
 HEADS = [("lm_head.weight", "lm_head.kernel", "T"), ("score.weight", "score.kernel", "T")]
 # Buffers some checkpoints carry that are not parameters.
 _IGNORED = re.compile(r".*(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
@@ -109,7 +127,12 @@ ARCHITECTURES = {
     "qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
     "opt": ("OPTForCausalLM", "OPTForSequenceClassification"),
     "gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
+    "phi3": ("Phi3ForCausalLM", "Phi3ForSequenceClassification"),
 }
+# RoPE types each family reads (the rest are refused by name).
+_ROPE_TYPES = {"phi3": ("default", "longrope")}
+_ROPE_DEFAULT_TYPES = ("default", "linear", "llama3")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                     "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json")
 
@@ -172,27 +195,75 @@ def config_from_hf(d: dict) -> ModelConfig:
     theta = rope.pop("rope_theta")
     if rope.get("type") and not rope.get("rope_type"):
         rope["rope_type"] = rope.pop("type")
-    kind = rope.get("rope_type", "default")
-    if kind not in ("default", "linear", "llama3"):
-        raise JaxrlError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3)")
-    scaling = tuple(sorted(rope.items())) if kind != "default" else None
+    rope.pop("type", None)
     heads = d["num_attention_heads"]
-    window = d.get("sliding_window") or 0
-    if family == "qwen2" and not d.get("use_sliding_window", False):
-        window = 0
-    attention_bias = d.get("attention_bias", False)
+    head_dim = d.get("head_dim") or d["hidden_size"] // heads
+    scaling, rotary_dim = _rope_scaling(family, rope, d, head_dim)
     return ModelConfig(
         family=family, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
         num_layers=d["num_hidden_layers"], num_heads=heads,
         num_kv_heads=d.get("num_key_value_heads") or heads,
-        head_dim=d.get("head_dim") or d["hidden_size"] // heads, intermediate_size=d["intermediate_size"],
+        head_dim=head_dim, intermediate_size=d["intermediate_size"],
         max_position_embeddings=d.get("max_position_embeddings", 2048), norm="rms",
         norm_eps=d.get("rms_norm_eps", 1e-6), activation=_act(d.get("hidden_act", "silu")),
-        rope_theta=float(theta), rope_scaling=scaling,
-        qkv_bias=family == "qwen2" or attention_bias, out_bias=family != "qwen2" and attention_bias,
+        rope_theta=float(theta), rope_scaling=scaling, rotary_dim=rotary_dim,
+        qkv_bias=family == "qwen2" or d.get("attention_bias", False),
+        out_bias=family != "qwen2" and d.get("attention_bias", False),
         mlp_bias=d.get("mlp_bias", False), tie_embeddings=d.get("tie_word_embeddings", False),
-        sliding_window=window, **ids,
+        sliding_window=_sliding_window(family, d), qk_norm=family == "qwen3", **ids,
     )
+
+
+def _rope_scaling(family, rope: dict, d: dict, head_dim: int):
+    """(ModelConfig.rope_scaling, rotary_dim) from the rope parameters less theta; refuses, by key, what
+    the family's decoder does not implement."""
+    partial = rope.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+    rotary_dim = 0
+    if partial != 1.0:
+        if family != "phi3":
+            raise JaxrlError(f"partial_rotary_factor {partial} is not supported for model_type {family!r} "
+                             "(only phi3 rotates part of each head)")
+        rotary_dim = int(head_dim * partial)
+    if rope.get("rope_type") == "su":  # Phi-3's first name for LongRoPE (transformers reads it so too)
+        rope["rope_type"] = "longrope"
+    kind = rope.get("rope_type", "default")
+    allowed = _ROPE_TYPES.get(family, _ROPE_DEFAULT_TYPES)
+    if kind not in allowed:
+        raise JaxrlError(f"rope_scaling.rope_type {kind!r} is not supported for model_type {family!r} "
+                         f"(supported: {', '.join(allowed)})")
+    if kind == "default":
+        return None, rotary_dim
+    if kind == "longrope":
+        rope.setdefault("original_max_position_embeddings", d.get("original_max_position_embeddings"))
+        width = (rotary_dim or head_dim) // 2
+        for key in ("short_factor", "long_factor", "original_max_position_embeddings"):
+            if rope.get(key) is None:
+                raise JaxrlError(f"rope_scaling.{key} is missing: a longrope model needs it")
+        for key in ("short_factor", "long_factor"):
+            if len(rope[key]) != width:
+                raise JaxrlError(f"rope_scaling.{key} has {len(rope[key])} entries, expected {width} "
+                                 "(half the rotated features of a head)")
+            rope[key] = tuple(float(x) for x in rope[key])  # hashable: ModelConfig is a static argument
+    return tuple(sorted(rope.items())), rotary_dim
+
+
+def _sliding_window(family, d: dict) -> int:
+    """The attention window every layer uses (0: full); refuses a per-layer mix."""
+    window = d.get("sliding_window") or 0
+    if family == "qwen2" and not d.get("use_sliding_window", False):
+        window = 0
+    if family == "qwen3":
+        window = window if d.get("use_sliding_window", False) else 0
+        types = d.get("layer_types") or [
+            "sliding_attention" if window and i >= d.get("max_window_layers", 28) else "full_attention"
+            for i in range(d["num_hidden_layers"])]
+        if not window or set(types) == {"full_attention"}:
+            return 0
+        if set(types) != {"sliding_attention"}:
+            raise JaxrlError(f"layer_types mixes sliding and full attention ({types}), which jaxrl's qwen3 does "
+                             "not support: it applies one window to every layer (use_sliding_window with "
+                             "max_window_layers=0) or none")
+    return window
 
 
 def _act(name):
@@ -221,7 +292,10 @@ def config_to_hf(cfg: ModelConfig, *, score: bool = False) -> dict:
                   n_head=cfg.num_heads, n_inner=cfg.intermediate_size, n_positions=cfg.max_position_embeddings,
                   layer_norm_epsilon=cfg.norm_eps, activation_function=cfg.activation)
     else:
-        rope = {"rope_type": "default", **dict(cfg.rope_scaling or ()), "rope_theta": cfg.rope_theta}
+        rope = {"rope_type": "default", **{k: list(v) if isinstance(v, tuple) else v
+                                           for k, v in (cfg.rope_scaling or ())}, "rope_theta": cfg.rope_theta}
+        if cfg.rotary_dim:
+            rope["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
         kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
                   num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
                   head_dim=cfg.head_dim, intermediate_size=cfg.intermediate_size,
@@ -234,6 +308,13 @@ def config_to_hf(cfg: ModelConfig, *, score: bool = False) -> dict:
             kw.update(sliding_window=cfg.sliding_window or None)
         if cfg.family == "qwen2":
             kw.update(use_sliding_window=bool(cfg.sliding_window), sliding_window=cfg.sliding_window or None)
+        if cfg.family == "qwen3":  # max_window_layers 0: the window (if any) on every layer
+            kw.update(attention_bias=cfg.qkv_bias, use_sliding_window=bool(cfg.sliding_window),
+                      sliding_window=cfg.sliding_window or None, max_window_layers=0)
+        if cfg.family == "phi3":
+            kw.update(sliding_window=cfg.sliding_window or None)
+            if rope.get("rope_type") == "longrope":
+                kw.update(original_max_position_embeddings=rope["original_max_position_embeddings"])
     hf = AutoConfig.for_model(cfg.family, **kw, **ids)
     hf.architectures = [ARCHITECTURES[cfg.family][1 if score else 0]]
     if score:
@@ -253,9 +334,23 @@ def _expand(cfg: ModelConfig, *, score: bool):
         if fn == "split3":
             for part, name in enumerate("qkv"):
                 rows.append((names, ours.replace("{q,k,v}", name), fn, part))
+        elif fn == "Tsplit":  # part: (index, parts, first row, last row + 1, rows) of the fused torch weight
+            group = re.search(r"\{(.*)\}", ours).group(1).split(",")
+            widths = [_fused_width(cfg, name) for name in group]
+            starts = np.cumsum([0] + widths)
+            for i, name in enumerate(group):
+                part = (i, len(group), int(starts[i]), int(starts[i + 1]), int(starts[-1]))
+                rows.append((names, ours.replace("{" + ",".join(group) + "}", name), fn, part))
         else:
             rows.append((names, ours, fn, 0))
     return rows
+
+
+def _fused_width(cfg: ModelConfig, name: str) -> int:
+    """Output width of one part of a fused projection."""
+    return {"q": cfg.num_heads * cfg.head_dim, "k": cfg.num_kv_heads * cfg.head_dim,
+            "v": cfg.num_kv_heads * cfg.head_dim, "gate": cfg.intermediate_size,
+            "up": cfg.intermediate_size}[name]
 
 
 def _flat_params(model) -> dict[str, nnx.Variable]:
@@ -372,6 +467,12 @@ def _source(store: TensorStore, name, fn, part, want, path):
         src = src.T
     elif fn == "split3":
         src = np.split(src, 3, axis=-1)[part]
+    elif fn == "Tsplit":
+        _, _, lo, hi, total = part
+        if tuple(store.shape(name)) != (total, want[0]):
+            raise JaxrlError(f"{path}: tensor {name} has shape {tuple(store.shape(name))}, expected "
+                             f"{(total, want[0])} for this config")
+        src = src[lo:hi].T
     if tuple(src.shape) != want:
         raise JaxrlError(f"{path}: tensor {name} has shape {tuple(store.shape(name))}, expected "
                          f"{want if fn != 'T' else want[::-1]} for this config")
@@ -406,7 +507,7 @@ def save_pretrained(model, path: str, *, tokenizer=None, dtype=np.float32) -> No
         model = merge_lora(nnx.clone(model))
     score = isinstance(model, ScoreModel)
     cfg = model.config
-    tensors = {}
+    tensors, fused_t = {}, set()
     params = {(_score_prefix(k) if score else k): v for k, v in _flat_params(model).items()}
     for hf_names, ours, fn, part in _expand(cfg, score=score):
         if ours not in params:
@@ -418,10 +519,13 @@ def save_pretrained(model, path: str, *, tokenizer=None, dtype=np.float32) -> No
                 tensors[hf_name] = np.ascontiguousarray(v.T)
             elif fn == "split3":
                 tensors.setdefault(hf_name, [None] * 3)[part] = v
+            elif fn == "Tsplit":  # fused again: the parts side by side in our [in, out] layout, transposed
+                tensors.setdefault(hf_name, [None] * part[1])[part[0]] = v
+                fused_t.add(hf_name)
             else:
                 tensors[hf_name] = v
-    tensors = {k: np.ascontiguousarray(np.concatenate(v, axis=-1) if isinstance(v, list) else v).astype(dtype)
-               for k, v in tensors.items()}
+    tensors = {k: np.concatenate(v, axis=-1) if isinstance(v, list) else v for k, v in tensors.items()}
+    tensors = {k: np.ascontiguousarray(v.T if k in fused_t else v).astype(dtype) for k, v in tensors.items()}
     if jax.process_index() == 0:
         _write_directory(model, cfg, score, tensors, path, tokenizer, dtype)
     if jax.process_count() > 1:  # nobody reads the directory before process 0 has renamed it into place

@@ -101,9 +101,10 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Rotary inverse frequencies [H/2], with HF's 'linear' and 'llama3' scalings."""
-    h = cfg.head_dim
+def rope_inv_freq(cfg: ModelConfig, *, long: bool = False) -> np.ndarray:
+    """Rotary inverse frequencies [R/2] (R = cfg.rope_dim), with HF's 'linear', 'llama3' and 'longrope'
+    scalings; `long` picks longrope's long factors (see `rope_frequencies`)."""
+    h = cfg.rope_dim
     inv = 1.0 / (cfg.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
     scaling = dict(cfg.rope_scaling or ())
     kind = scaling.get("rope_type", "default")
@@ -119,16 +120,42 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         inv = np.where(medium, smoothed, scaled)
+    elif kind == "longrope":
+        inv = inv / np.asarray(scaling["long_factor" if long else "short_factor"], np.float64)
     return inv.astype(np.float32)
 
 
-def apply_rope(x, positions, inv_freq):
-    """Rotates x [B, T, N, H] by angle positions * inv_freq, HF's rotate-half convention."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, H/2)
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # (B, T, 1, H)
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+def rope_frequencies(cfg: ModelConfig, positions):
+    """(inverse frequencies [R/2], the factor cos and sin are scaled by) for a forward over `positions`.
+
+    LongRoPE (Phi-3) as transformers applies it: the long factors when the call's largest position
+    reaches past `original_max_position_embeddings`, else the short ones (one choice for the whole call),
+    and cos/sin scaled by `attention_factor` (default sqrt(1 + ln(s) / ln(original)), s = the context
+    extension factor, when s > 1).
+    """
+    scaling = dict(cfg.rope_scaling or ())
+    if scaling.get("rope_type") != "longrope":
+        return rope_inv_freq(cfg), 1.0
+    original = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or cfg.max_position_embeddings / original
+    scale = scaling.get("attention_factor")
+    if scale is None:
+        scale = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+    is_long = jnp.max(positions) + 1 > original
+    return jnp.where(is_long, rope_inv_freq(cfg, long=True), rope_inv_freq(cfg)), scale
+
+
+def apply_rope(x, positions, inv_freq, scale=1.0):
+    """Rotates the first R = 2 * len(inv_freq) features of x [B, T, N, H] by angle positions * inv_freq
+    (HF's rotate-half convention; cos and sin times `scale`); the other H - R features pass unchanged."""
+    r = 2 * inv_freq.shape[-1]
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, R/2)
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # (B, T, 1, R)
+    x_rot, x_pass = x[..., :r].astype(jnp.float32), x[..., r:]
+    x1, x2 = jnp.split(x_rot, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+    out = (x_rot * (jnp.cos(angles) * scale) + rotated * (jnp.sin(angles) * scale)).astype(x.dtype)
+    return jnp.concatenate([out, x_pass], axis=-1) if r < x.shape[-1] else out
 
 
 class Attention(nnx.Module):
@@ -140,6 +167,11 @@ class Attention(nnx.Module):
         self.v = Dense(d, k * h, bias=cfg.qkv_bias, **col)
         self.o = Dense(n * h, d, bias=cfg.out_bias, kernel_spec=sh.out_xd, bias_spec=sh.vec_d,
                        dtype=dtype, rngs=rngs, layers=layers)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's features, one (H,) scale per layer
+            norm = dict(kind="rms", eps=cfg.norm_eps, spec=sh.vec_d, dtype=dtype, rngs=rngs, layers=layers)
+            self.q_norm, self.k_norm = Norm(h, **norm), Norm(h, **norm)
+        else:
+            self.q_norm = self.k_norm = None
         self.shape = (n, k, h)
         self.rope_cfg = cfg if cfg.position == "rope" else None  # static; frequencies built at trace time
 
@@ -151,10 +183,12 @@ class Attention(nnx.Module):
         q = self.q(x).reshape(b, t, n, h)
         key = self.k(x).reshape(b, t, k, h)
         value = self.v(x).reshape(b, t, k, h)
+        if self.q_norm is not None:
+            q, key = self.q_norm(q), self.k_norm(key)
         if self.rope_cfg is not None:
-            inv_freq = rope_inv_freq(self.rope_cfg)
-            q = apply_rope(q, positions, inv_freq)
-            key = apply_rope(key, positions, inv_freq)
+            inv_freq, scale = rope_frequencies(self.rope_cfg, positions)
+            q = apply_rope(q, positions, inv_freq, scale)
+            key = apply_rope(key, positions, inv_freq, scale)
         if cache is not None:
             # Written in place into the carried stack (no per-layer copy of the cache), then this
             # layer's (B, S, K, H) slice is read back for attention.
