@@ -48,7 +48,7 @@ class ModelConfig:
     norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + weight); Gemma stores weight - 1, offset 1
     scale_embeddings: bool = False  # token embeddings times sqrt(D), the factor rounded to the compute dtype
     post_norms: bool = False  # RMSNorm on the attention and MLP outputs before each residual add
-    query_pre_attn_scalar: float = 0.0  # attention scores scaled by this ** -0.5; 0 = head_dim ** -0.5
+    query_pre_attn_scalar: int = 0  # attention scores scaled by this ** -0.5; 0 = head_dim ** -0.5
     attn_softcap: float = 0.0  # attention scores -> cap * tanh(scores / cap) before the mask; 0 = off
     final_softcap: float = 0.0  # the same on the LM head's logits; 0 = off
     # per layer 'sliding_attention' | 'full_attention'; () = every layer slides iff sliding_window > 0

@@ -271,7 +271,7 @@ def _gemma_config(d: dict, ids: dict) -> ModelConfig:
         rope_theta=theta, rope_scaling=scaling, qkv_bias=bias, out_bias=bias,
         tie_embeddings=d.get("tie_word_embeddings", True), sliding_window=d.get("sliding_window") or 0,
         qk_norm=family == "gemma3_text", norm_offset=1.0, scale_embeddings=True, post_norms=True,
-        query_pre_attn_scalar=float(d.get("query_pre_attn_scalar") or head_dim),
+        query_pre_attn_scalar=int(d.get("query_pre_attn_scalar") or head_dim),
         attn_softcap=float(d.get("attn_logit_softcapping") or 0.0),
         final_softcap=float(d.get("final_logit_softcapping") or 0.0), layer_types=tuple(types),
         rope_local_theta=local_theta, rope_local_scaling=local_scaling, **ids,
