@@ -210,12 +210,17 @@ def test_reward_model_export_scores_equal_transformers(models, name, tmp_path):
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("name", ["gemma2", "gemma3"])
-def test_preset_free_sft_runs_and_exports(models, name, tmp_path):
+@pytest.mark.parametrize("name, layout", [
+    ("gemma2", ["zero_stage=3", "mesh.data=1", "mesh.fsdp=-1", "precision.compute=bf16"]),  # one layer gathered
+    ("gemma3", []),  # the default: data parallel over the 8 devices, fp32
+])
+def test_preset_free_sft_runs_and_exports(models, name, layout, tmp_path):
+    """16-token rows through a window of 4: the training forward and backward use the sliding layers."""
     directory, torch_model, _ = models[name]
     out = tmp_path / "run"
     args = ["sft", "--output", str(out), f"model.path={directory}", "data.max_len=16", "data.max_prompt_len=8",
-            "train.steps=3", "train.batch_size=8", "train.log_every=1", "train.eval_every=0", "optim.lr=1e-3"]
+            "train.steps=3", "train.batch_size=8", "train.log_every=1", "train.eval_every=0", "optim.lr=1e-3",
+            *layout]
     assert cli.main(args) == 0
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
