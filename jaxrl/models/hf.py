@@ -250,7 +250,7 @@ def _gemma_config(d: dict, ids: dict) -> ModelConfig:
         types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
     rope = d.get("rope_parameters") or {}
     if family == "gemma3_text" and ("full_attention" in rope or "sliding_attention" in rope):
-        full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+        full, local = dict(rope.get("full_attention") or {}), dict(rope.get("sliding_attention") or {})
     else:
         full = {"rope_theta": d.get("rope_theta", 10000.0 if family == "gemma2" else 1e6), **rope,
                 **(d.get("rope_scaling") or {})}
