@@ -1,5 +1,5 @@
 """One config for the decoder-only transformer, covering the Llama (Llama 2/3/3.2, Mistral, Qwen2/2.5,
-Qwen3, Phi-3), OPT and GPT-2 families; plus tiny presets for fresh models."""
+Qwen3, Phi-3), Gemma 2, Gemma 3 (text), OPT and GPT-2 families; plus tiny presets for fresh models."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class ModelConfig:
     The families differ only in the switches below; `family` picks the HF conversion table.
     """
 
-    family: str  # 'llama' | 'mistral' | 'qwen2' | 'qwen3' | 'phi3' | 'opt' | 'gpt2'
+    family: str  # 'llama' | 'mistral' | 'qwen2' | 'qwen3' | 'phi3' | 'gemma2' | 'gemma3_text' | 'opt' | 'gpt2'
     vocab_size: int
     hidden_size: int  # D: width of the residual stream
     num_layers: int
@@ -39,14 +39,26 @@ class ModelConfig:
     final_norm: bool = True
     embed_dim: int = 0  # E: OPT word_embed_proj_dim; 0 = hidden_size (no project_in/out)
     tie_embeddings: bool = False
-    sliding_window: int = 0  # 0 = full attention
+    sliding_window: int = 0  # 0 = full attention; which layers slide: `layer_types`
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
-    # Qwen3 and Phi-3 (issue 15).
-    qk_norm: bool = False  # RMSNorm over each head's H features of queries and keys, before RoPE (Qwen3)
+    # Qwen3 and Phi-3.
+    qk_norm: bool = False  # RMSNorm over each head's H features of queries and keys, before RoPE
+    # (attn.q_norm, attn.k_norm: Qwen3, Gemma 3)
     rotary_dim: int = 0  # features of each head RoPE rotates (the first ones, the rest pass); 0 = all H
     # (Phi-3's partial_rotary_factor * H)
+    # Gemma 2 / Gemma 3: zero-centred norms, extra norms, scaled embeddings, soft-caps, per-layer attention.
+    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + weight); Gemma stores weight - 1, offset 1
+    scale_embeddings: bool = False  # token embeddings times sqrt(D), the factor rounded to the compute dtype
+    post_norms: bool = False  # RMSNorm on the attention and MLP outputs before each residual add
+    query_pre_attn_scalar: int = 0  # attention scores scaled by this ** -0.5; 0 = head_dim ** -0.5
+    attn_softcap: float = 0.0  # attention scores -> cap * tanh(scores / cap) before the mask; 0 = off
+    final_softcap: float = 0.0  # the same on the LM head's logits; 0 = off
+    # per layer 'sliding_attention' | 'full_attention'; () = every layer slides iff sliding_window > 0
+    layer_types: tuple[str, ...] = ()
+    rope_local_theta: float = 0.0  # RoPE base of the sliding layers; 0 = rope_theta (and rope_scaling)
+    rope_local_scaling: tuple[tuple[str, object], ...] | None = None  # with rope_local_theta: their scaling
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -61,6 +73,11 @@ class ModelConfig:
                 raise JaxrlError(f"model {name} {getattr(self, name)!r} is not one of {allowed}")
         if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
             raise JaxrlError(f"rotary_dim ({self.rotary_dim}) must be even and at most head_dim ({self.head_dim})")
+        if self.layer_types:
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if bad or len(self.layer_types) != self.num_layers:
+                raise JaxrlError(f"model layer_types must list one of {LAYER_TYPES} for each of the "
+                                 f"{self.num_layers} layers; got {list(self.layer_types)}")
 
     @property
     def rope_dim(self) -> int:
@@ -78,11 +95,21 @@ class ModelConfig:
             return ()
         return tuple(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
 
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """(L,) whether each layer attends only to the last `sliding_window` slots."""
+        if not self.sliding_window:
+            return (False,) * self.num_layers
+        if not self.layer_types:
+            return (True,) * self.num_layers
+        return tuple(t == "sliding_attention" for t in self.layer_types)
+
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "opt", "gpt2", "qwen3", "phi3")
+FAMILIES = ("llama", "mistral", "qwen2", "opt", "gpt2", "qwen3", "phi3", "gemma2", "gemma3_text")
+LAYER_TYPES = ("sliding_attention", "full_attention")
 _CHOICES = {
     "norm": ("rms", "layer"),
     "activation": ("silu", "relu", "gelu_new", "gelu"),

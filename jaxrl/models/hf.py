@@ -57,6 +57,31 @@ _LLAMA = [
     ("model.layers.{i}.mlp.down_proj.bias", "layers.{i}.mlp.down.bias", None),
     ("model.norm.weight", "final_norm.scale", None),
 ]
+# Gemma 2: four norms per block, all zero-centred (see Norm's offset); embeddings always tied.
+_GEMMA2 = [
+    ("model.embed_tokens.weight", "embed.embedding", None),
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.scale", None),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attn.q.kernel", "T"),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attn.k.kernel", "T"),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attn.v.kernel", "T"),
+    ("model.layers.{i}.self_attn.q_proj.bias", "layers.{i}.attn.q.bias", None),
+    ("model.layers.{i}.self_attn.k_proj.bias", "layers.{i}.attn.k.bias", None),
+    ("model.layers.{i}.self_attn.v_proj.bias", "layers.{i}.attn.v.bias", None),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attn.o.kernel", "T"),
+    ("model.layers.{i}.self_attn.o_proj.bias", "layers.{i}.attn.o.bias", None),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.attn_post_norm.scale", None),
+    ("model.layers.{i}.pre_feedforward_layernorm.weight", "layers.{i}.mlp_norm.scale", None),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate.kernel", "T"),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.up.kernel", "T"),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down.kernel", "T"),
+    ("model.layers.{i}.post_feedforward_layernorm.weight", "layers.{i}.mlp_post_norm.scale", None),
+    ("model.norm.weight", "final_norm.scale", None),
+]
+# Gemma 3 (text): Gemma 2's plus RMSNorm over each head's queries and keys.
+_GEMMA3 = _GEMMA2 + [
+    ("model.layers.{i}.self_attn.q_norm.weight", "layers.{i}.attn.q_norm.scale", None),
+    ("model.layers.{i}.self_attn.k_norm.weight", "layers.{i}.attn.k_norm.scale", None),
+]
 _OPT = [
     ("model.decoder.embed_tokens.weight", "embed.embedding", None),
     ("model.decoder.embed_positions.weight", "pos_embed.embedding", None),
@@ -100,7 +125,7 @@ _GPT2 = [
     ("transformer.ln_f.weight", "final_norm.scale", None),
     ("transformer.ln_f.bias", "final_norm.bias", None),
 ]
-# Qwen3 and Phi-3 (issue 15).
+# Qwen3 and Phi-3.
 _QWEN3 = _LLAMA + [
     ("model.layers.{i}.self_attn.q_norm.weight", "layers.{i}.attn.q_norm.scale", None),
     ("model.layers.{i}.self_attn.k_norm.weight", "layers.{i}.attn.k_norm.scale", None),
@@ -116,7 +141,7 @@ _PHI3 = [
     ("model.norm.weight", "final_norm.scale", None),
 ]
 TABLES = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "opt": _OPT, "gpt2": _GPT2, "qwen3": _QWEN3,
-          "phi3": _PHI3}
+          "phi3": _PHI3, "gemma2": _GEMMA2, "gemma3_text": _GEMMA3}
 HEADS = [("lm_head.weight", "lm_head.kernel", "T"), ("score.weight", "score.kernel", "T")]
 # Buffers some checkpoints carry that are not parameters.
 _IGNORED = re.compile(r".*(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
@@ -125,6 +150,8 @@ ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification"),
     "mistral": ("MistralForCausalLM", "MistralForSequenceClassification"),
     "qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
+    "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
     "opt": ("OPTForCausalLM", "OPTForSequenceClassification"),
     "gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
     "qwen3": ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
@@ -152,6 +179,12 @@ def check_tokenizer_files(path: str) -> None:
 def config_from_hf(d: dict) -> ModelConfig:
     """ModelConfig from an HF config.json dict."""
     family = d.get("model_type")
+    if family == "gemma3":
+        raise JaxrlError(
+            "model_type 'gemma3' is the multimodal Gemma3ForConditionalGeneration; jaxrl reads text-only "
+            "Gemma 3 (model_type 'gemma3_text', Gemma3ForCausalLM): use a text-only checkpoint (Gemma 3 1B) "
+            "or save the language model alone"
+        )
     if family not in TABLES:
         raise JaxrlError(
             f"unsupported architecture: model_type {family!r} ({d.get('architectures')}); jaxrl supports "
@@ -188,6 +221,8 @@ def config_from_hf(d: dict) -> ModelConfig:
             qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=d.get("tie_word_embeddings", True),
             **ids,
         )
+    if family in ("gemma2", "gemma3_text"):
+        return _gemma_config(d, ids)
     rope = dict(d.get("rope_parameters") or {})
     rope.setdefault("rope_theta", d.get("rope_theta", 10000.0))
     if d.get("rope_scaling"):
@@ -266,6 +301,59 @@ def _sliding_window(family, d: dict) -> int:
     return window
 
 
+def _rope(params: dict, key: str = "rope_parameters") -> tuple[float, tuple | None]:
+    """(theta, scaling) from one HF rope_parameters dict (theta included); refuses a RoPE type we lack."""
+    rope = dict(params)
+    theta = rope.pop("rope_theta")
+    if rope.get("type") and not rope.get("rope_type"):
+        rope["rope_type"] = rope.pop("type")
+    kind = rope.get("rope_type", "default")
+    if kind not in ("default", "linear", "llama3"):
+        raise JaxrlError(f"{key}: rope_type {kind!r} is not supported (supported: default, linear, llama3)")
+    return float(theta), (tuple(sorted(rope.items())) if kind != "default" else None)
+
+
+def _gemma_config(d: dict, ids: dict) -> ModelConfig:
+    """Gemma 2 and Gemma 3 (text): config.json as transformers 5 writes it (rope_parameters, layer_types)
+    or as the Hub's older files do (rope_theta, rope_local_base_freq, rope_scaling, sliding_window_pattern)."""
+    family, layers = d["model_type"], d["num_hidden_layers"]
+    if d.get("use_bidirectional_attention"):
+        raise JaxrlError(f"{family}: use_bidirectional_attention=true (an encoder variant) is not supported; "
+                         "jaxrl's decoder is causal")
+    types = d.get("layer_types")
+    if not types:  # Gemma 2 alternates from a sliding layer; Gemma 3's pattern is every 6th layer global
+        pattern = 2 if family == "gemma2" else d.get("sliding_window_pattern", 6)
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    rope = d.get("rope_parameters") or {}
+    if family == "gemma3_text" and ("full_attention" in rope or "sliding_attention" in rope):
+        full, local = dict(rope.get("full_attention") or {}), dict(rope.get("sliding_attention") or {})
+    else:
+        full = {"rope_theta": d.get("rope_theta", 10000.0 if family == "gemma2" else 1e6), **rope,
+                **(d.get("rope_scaling") or {})}
+        local = {"rope_theta": d.get("rope_local_base_freq", 10000.0)} if family == "gemma3_text" else {}
+    full.setdefault("rope_theta", 1e6)
+    theta, scaling = _rope(full, "rope_parameters.full_attention" if local else "rope_parameters")
+    local_theta, local_scaling = _rope({"rope_theta": 10000.0, **local}, "rope_parameters.sliding_attention") \
+        if local else (0.0, None)
+    heads = d["num_attention_heads"]
+    head_dim = d.get("head_dim") or d["hidden_size"] // heads
+    bias = d.get("attention_bias", False)
+    return ModelConfig(
+        family=family, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=layers,
+        num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads, head_dim=head_dim,
+        intermediate_size=d["intermediate_size"], max_position_embeddings=d.get("max_position_embeddings", 8192),
+        norm="rms", norm_eps=d.get("rms_norm_eps", 1e-6),
+        activation=_act(d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"),
+        rope_theta=theta, rope_scaling=scaling, qkv_bias=bias, out_bias=bias,
+        tie_embeddings=d.get("tie_word_embeddings", True), sliding_window=d.get("sliding_window") or 0,
+        qk_norm=family == "gemma3_text", norm_offset=1.0, scale_embeddings=True, post_norms=True,
+        query_pre_attn_scalar=int(d.get("query_pre_attn_scalar") or head_dim),
+        attn_softcap=float(d.get("attn_logit_softcapping") or 0.0),
+        final_softcap=float(d.get("final_logit_softcapping") or 0.0), layer_types=tuple(types),
+        rope_local_theta=local_theta, rope_local_scaling=local_scaling, **ids,
+    )
+
+
 def _act(name):
     table = {"silu": "silu", "swish": "silu", "relu": "relu", "gelu_new": "gelu_new",
              "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
@@ -281,7 +369,9 @@ def config_to_hf(cfg: ModelConfig, *, score: bool = False) -> dict:
     ids = dict(bos_token_id=cfg.bos_token_id, pad_token_id=cfg.pad_token_id,
                eos_token_id=list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id,
                tie_word_embeddings=cfg.tie_embeddings)
-    if cfg.family == "opt":
+    if cfg.family in ("gemma2", "gemma3_text"):
+        kw = _gemma_to_hf(cfg)
+    elif cfg.family == "opt":
         kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
                   num_attention_heads=cfg.num_heads, ffn_dim=cfg.intermediate_size,
                   max_position_embeddings=cfg.max_position_embeddings, activation_function=cfg.activation,
@@ -320,6 +410,27 @@ def config_to_hf(cfg: ModelConfig, *, score: bool = False) -> dict:
     if score:
         hf.num_labels = 1
     return hf.to_dict()
+
+
+def _gemma_to_hf(cfg: ModelConfig) -> dict:
+    """Gemma 2 / Gemma 3 text config keys in transformers 5's format (a None soft-cap is off)."""
+    rope = lambda theta, scaling: {"rope_type": "default", **dict(scaling or ()), "rope_theta": theta}  # noqa: E731
+    if cfg.family == "gemma3_text":
+        rope_parameters = {"full_attention": rope(cfg.rope_theta, cfg.rope_scaling),
+                           "sliding_attention": rope(cfg.rope_local_theta or cfg.rope_theta,
+                                                     cfg.rope_local_scaling if cfg.rope_local_theta
+                                                     else cfg.rope_scaling)}
+    else:
+        rope_parameters = rope(cfg.rope_theta, cfg.rope_scaling)
+    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
+                rms_norm_eps=cfg.norm_eps, hidden_activation={"gelu_new": "gelu_pytorch_tanh"}.get(
+                    cfg.activation, cfg.activation),
+                query_pre_attn_scalar=cfg.query_pre_attn_scalar, attention_bias=cfg.qkv_bias,
+                sliding_window=cfg.sliding_window or None, layer_types=list(cfg.layer_types),
+                attn_logit_softcapping=cfg.attn_softcap or None, final_logit_softcapping=cfg.final_softcap or None,
+                rope_parameters=rope_parameters)
 
 
 # ------------------------------------------------------------------------------------------- mapping

@@ -73,19 +73,24 @@ class Dense(nnx.Module):
 
 
 class Norm(nnx.Module):
-    """RMSNorm (Llama family) or LayerNorm (OPT, GPT-2), computed in fp32."""
+    """RMSNorm (Llama family) or LayerNorm (OPT, GPT-2), computed in fp32.
 
-    def __init__(self, dim, *, kind, eps, spec, dtype, rngs, layers=0):
-        self.scale = _param(rngs, (dim,), spec, init="ones", layers=layers)
+    With `offset` (Gemma: 1) the RMSNorm multiplies by (offset + scale): the parameter holds what the
+    checkpoint holds, zero-centred, so it starts at zeros and weight decay pulls it towards the identity.
+    """
+
+    def __init__(self, dim, *, kind, eps, spec, dtype, rngs, layers=0, offset=0.0):
+        self.scale = _param(rngs, (dim,), spec, init="zeros" if offset else "ones", layers=layers)
         self.bias = _param(rngs, (dim,), spec, init="zeros", layers=layers) if kind == "layer" else None
         self.eps = eps
+        self.offset = offset
         self.dtype = dtype
 
     def __call__(self, x):  # (..., D)
         x = x.astype(jnp.float32)
         if self.bias is None:
             y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-            y = y * self.scale[...]
+            y = y * (self.offset + self.scale[...].astype(jnp.float32))
         else:
             mean = jnp.mean(x, axis=-1, keepdims=True)
             var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
@@ -101,12 +106,16 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0)
 
 
-def rope_inv_freq(cfg: ModelConfig, *, long: bool = False) -> np.ndarray:
+def rope_inv_freq(cfg: ModelConfig, *, local: bool = False, long: bool = False) -> np.ndarray:
     """Rotary inverse frequencies [R/2] (R = cfg.rope_dim), with HF's 'linear', 'llama3' and 'longrope'
-    scalings; `long` picks longrope's long factors (see `rope_frequencies`)."""
+    scalings; `local`: those of the sliding-window layers (Gemma 3 gives them their own base and
+    scaling); `long` picks longrope's long factors (see `rope_frequencies`)."""
     h = cfg.rope_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
-    scaling = dict(cfg.rope_scaling or ())
+    theta, scaling = cfg.rope_theta, cfg.rope_scaling
+    if local and cfg.rope_local_theta:
+        theta, scaling = cfg.rope_local_theta, cfg.rope_local_scaling
+    inv = 1.0 / (theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
+    scaling = dict(scaling or ())
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         inv = inv / scaling["factor"]
@@ -126,23 +135,28 @@ def rope_inv_freq(cfg: ModelConfig, *, long: bool = False) -> np.ndarray:
 
 
 def rope_frequencies(cfg: ModelConfig, positions):
-    """(inverse frequencies [R/2], the factor cos and sin are scaled by) for a forward over `positions`.
+    """Inverse frequencies [R/2] for a forward over `positions`, where they depend on them.
 
     LongRoPE (Phi-3) as transformers applies it: the long factors when the call's largest position
-    reaches past `original_max_position_embeddings`, else the short ones (one choice for the whole call),
-    and cos/sin scaled by `attention_factor` (default sqrt(1 + ln(s) / ln(original)), s = the context
-    extension factor, when s > 1).
+    reaches past `original_max_position_embeddings`, else the short ones (one choice for the whole call).
     """
+    original = dict(cfg.rope_scaling)["original_max_position_embeddings"]
+    is_long = jnp.max(positions) + 1 > original
+    return jnp.where(is_long, rope_inv_freq(cfg, long=True), rope_inv_freq(cfg))
+
+
+def rope_scale(cfg: ModelConfig) -> float:
+    """The factor cos and sin are scaled by: LongRoPE's `attention_factor` (default sqrt(1 + ln(s) /
+    ln(original)), s = the context extension factor, when s > 1); 1 for every other RoPE."""
     scaling = dict(cfg.rope_scaling or ())
     if scaling.get("rope_type") != "longrope":
-        return rope_inv_freq(cfg), 1.0
+        return 1.0
     original = scaling["original_max_position_embeddings"]
     factor = scaling.get("factor") or cfg.max_position_embeddings / original
     scale = scaling.get("attention_factor")
     if scale is None:
         scale = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
-    is_long = jnp.max(positions) + 1 > original
-    return jnp.where(is_long, rope_inv_freq(cfg, long=True), rope_inv_freq(cfg)), scale
+    return float(scale)
 
 
 def apply_rope(x, positions, inv_freq, scale=1.0):
@@ -158,6 +172,26 @@ def apply_rope(x, positions, inv_freq, scale=1.0):
     return jnp.concatenate([out, x_pass], axis=-1) if r < x.shape[-1] else out
 
 
+def softcapped_attention(q, key, value, mask, *, scale: float, cap: float):
+    """Attention whose scores are soft-capped, cap * tanh(scores / cap), before the mask (Gemma 2), which
+    `jax.nn.dot_product_attention` cannot do.
+
+    q (B, T, N, H), key/value (B, S, K, H), mask (B, 1, T, S) bool -> (B, T, N, H). Query head
+    n = k * G + g reads key/value head k (G = N / K), as HF's repeat_kv does. Masked scores get the
+    most negative finite value, not -inf, so a query with no visible key (a left-pad row) stays finite
+    and cannot turn later layers' values into NaN.
+    """
+    b, t, n, h = q.shape
+    k = key.shape[2]
+    q = q.reshape(b, t, k, n // k, h)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, key, preferred_element_type=jnp.float32) * scale
+    scores = cap * jnp.tanh(scores / cap)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)  # mask (B, 1, 1, T, S)
+    probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value)
+    return out.reshape(b, t, n, h)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, sh: ModelShardings, dtype, rngs, layers=0):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -167,17 +201,19 @@ class Attention(nnx.Module):
         self.v = Dense(d, k * h, bias=cfg.qkv_bias, **col)
         self.o = Dense(n * h, d, bias=cfg.out_bias, kernel_spec=sh.out_xd, bias_spec=sh.vec_d,
                        dtype=dtype, rngs=rngs, layers=layers)
-        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's features, one (H,) scale per layer
-            norm = dict(kind="rms", eps=cfg.norm_eps, spec=sh.vec_d, dtype=dtype, rngs=rngs, layers=layers)
-            self.q_norm, self.k_norm = Norm(h, **norm), Norm(h, **norm)
-        else:
-            self.q_norm = self.k_norm = None
+        norm = dict(kind="rms", eps=cfg.norm_eps, spec=sh.vec_d, dtype=dtype, rngs=rngs, layers=layers,
+                    offset=cfg.norm_offset)
+        self.q_norm = Norm(h, **norm) if cfg.qk_norm else None  # over H, shared by every head (Qwen3, Gemma 3)
+        self.k_norm = Norm(h, **norm) if cfg.qk_norm else None
         self.shape = (n, k, h)
-        self.rope_cfg = cfg if cfg.position == "rope" else None  # static; frequencies built at trace time
+        self.scale = (cfg.query_pre_attn_scalar or h) ** -0.5
+        self.softcap = cfg.attn_softcap
+        self.rope_scale = rope_scale(cfg) if cfg.position == "rope" else 1.0
 
-    def __call__(self, x, positions, mask, cache=None, cache_index=None, layer=None):
+    def __call__(self, x, positions, mask, cache=None, cache_index=None, layer=None, inv_freq=None):
         """x (B, T, D); mask (B, 1, T, S) bool; cache {'k','v'}: the stacked (L, B, S, K, H) cache, this
-        block's keys and values written into layer `layer` at slots [cache_index, cache_index + T)."""
+        block's keys and values written into layer `layer` at slots [cache_index, cache_index + T);
+        inv_freq (R/2,): this layer's RoPE frequencies (None: no rotary positions)."""
         n, k, h = self.shape
         b, t, _ = x.shape
         q = self.q(x).reshape(b, t, n, h)
@@ -185,10 +221,9 @@ class Attention(nnx.Module):
         value = self.v(x).reshape(b, t, k, h)
         if self.q_norm is not None:
             q, key = self.q_norm(q), self.k_norm(key)
-        if self.rope_cfg is not None:
-            inv_freq, scale = rope_frequencies(self.rope_cfg, positions)
-            q = apply_rope(q, positions, inv_freq, scale)
-            key = apply_rope(key, positions, inv_freq, scale)
+        if inv_freq is not None:
+            q = apply_rope(q, positions, inv_freq, self.rope_scale)
+            key = apply_rope(key, positions, inv_freq, self.rope_scale)
         if cache is not None:
             # Written in place into the carried stack (no per-layer copy of the cache), then this
             # layer's (B, S, K, H) slice is read back for attention.
@@ -199,7 +234,11 @@ class Attention(nnx.Module):
         dtype = q.dtype
         if dtype == jnp.float16 and jax.default_backend() == "cpu":
             dtype = jnp.float32  # XLA:CPU has no fp16 x fp16 -> fp32 dot, which attention's scores use
-        out = jax.nn.dot_product_attention(q.astype(dtype), key.astype(dtype), value.astype(dtype), mask=mask)
+        q, key, value = q.astype(dtype), key.astype(dtype), value.astype(dtype)
+        if self.softcap:
+            out = softcapped_attention(q, key, value, mask, scale=self.scale, cap=self.softcap)
+        else:
+            out = jax.nn.dot_product_attention(q, key, value, mask=mask, scale=self.scale)
         return self.o(out.astype(q.dtype).reshape(b, t, n * h)), cache
 
 
@@ -232,20 +271,29 @@ class Block(nnx.Module):
     axis, and is called on one layer's slice (inside `Transformer.forward`'s scan)."""
 
     def __init__(self, cfg: ModelConfig, sh: ModelShardings, dtype, rngs, layers=0):
-        norm = dict(kind=cfg.norm, eps=cfg.norm_eps, spec=sh.vec_d, dtype=dtype, rngs=rngs, layers=layers)
+        norm = dict(kind=cfg.norm, eps=cfg.norm_eps, spec=sh.vec_d, dtype=dtype, rngs=rngs, layers=layers,
+                    offset=cfg.norm_offset)
         self.attn_norm = Norm(cfg.hidden_size, **norm)
         self.attn = Attention(cfg, sh, dtype, rngs, layers)
         self.mlp_norm = Norm(cfg.hidden_size, **norm)
         self.mlp = MLP(cfg, sh, dtype, rngs, layers)
+        # Gemma: the sub-layers' outputs are normed too, before each residual add
+        self.attn_post_norm = Norm(cfg.hidden_size, **norm) if cfg.post_norms else None
+        self.mlp_post_norm = Norm(cfg.hidden_size, **norm) if cfg.post_norms else None
         self.pre_norm = cfg.pre_norm
 
-    def __call__(self, x, positions, mask, cache=None, cache_index=None, layer=None):
+    def __call__(self, x, positions, mask, cache=None, cache_index=None, layer=None, inv_freq=None):
         if self.pre_norm:
-            h, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index, layer)
+            h, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index, layer, inv_freq)
+            if self.attn_post_norm is not None:
+                h = self.attn_post_norm(h)
             x = x + h
-            return x + self.mlp(self.mlp_norm(x)), cache
+            h = self.mlp(self.mlp_norm(x))
+            if self.mlp_post_norm is not None:
+                h = self.mlp_post_norm(h)
+            return x + h, cache
         # OPT-350m: post-LN blocks
-        h, cache = self.attn(x, positions, mask, cache, cache_index, layer)
+        h, cache = self.attn(x, positions, mask, cache, cache_index, layer, inv_freq)
         x = self.attn_norm(x + h)
         return self.mlp_norm(x + self.mlp(x)), cache
 
@@ -285,7 +333,7 @@ class Transformer(nnx.Module):
                                  rngs=rngs) if proj else None
         self.layers = Block(cfg, sh, dtype, rngs, layers=cfg.num_layers)  # stacked: (L, ...) per parameter
         self.final_norm = (
-            Norm(d, kind=cfg.norm, eps=cfg.norm_eps, spec=sh.vec_d, dtype=dtype, rngs=rngs)
+            Norm(d, kind=cfg.norm, eps=cfg.norm_eps, spec=sh.vec_d, dtype=dtype, rngs=rngs, offset=cfg.norm_offset)
             if cfg.final_norm else None
         )
         self.lm_head = (
@@ -331,29 +379,48 @@ class Transformer(nnx.Module):
             kv_mask, k_slot = attention_mask, jnp.arange(t)
         else:
             k_slot = jnp.arange(cache["k"].shape[2])
-        mask = k_slot[None, :] <= q_slot[:, None]  # (T, S) causal by slot
-        if self.config.sliding_window:
-            mask &= q_slot[:, None] - k_slot[None, :] < self.config.sliding_window
-        mask = mask[None, None] & kv_mask.astype(bool)[:, None, None, :]  # (B, 1, T, S)
+        causal = k_slot[None, :] <= q_slot[:, None]  # (T, S) causal by slot
+        mask = causal[None, None] & kv_mask.astype(bool)[:, None, None, :]  # (B, 1, T, S)
         if segment_ids is not None:
             mask &= (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        # Slots of a row's real tokens are consecutive (left padding, then the generated tokens), so a
+        # distance in slots is a distance in positions.
+        window = self.config.sliding_window
+        local = mask & (q_slot[:, None] - k_slot[None, :] < window)[None, None] if window else None
 
         x = self._embed_tokens(input_ids).astype(self.dtype)
+        if self.config.scale_embeddings:  # HF rounds sqrt(D) to the compute dtype first (55.4 -> 55.5 in bf16)
+            x = x * jnp.asarray(math.sqrt(self.config.hidden_size), self.dtype)
         if self.project_in is not None:
             x = self.project_in(x)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions + self.config.position_offset).astype(self.dtype)
 
-        x, new_cache = self._scan_blocks(x, positions, mask, cache, cache_index)
+        x, new_cache = self._scan_blocks(x, positions, (mask, local), cache, cache_index)
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.project_out is not None:
             x = self.project_out(x)
         return x, new_cache
 
-    def _scan_blocks(self, x, positions, mask, cache, cache_index):
+    def _layer_inputs(self, positions) -> dict:
+        """What differs between layers, as arrays over the layer axis (scanned with the parameters):
+        `sliding` (L,) bool, `inv_freq` (L, R/2) fp32 RoPE frequencies (absent without RoPE; under
+        LongRoPE chosen by `positions`, the same for every layer)."""
+        cfg = self.config
+        sliding = np.array(cfg.sliding_layers)
+        out = {"sliding": sliding}
+        if cfg.position == "rope" and dict(cfg.rope_scaling or ()).get("rope_type") == "longrope":
+            out["inv_freq"] = jnp.broadcast_to(rope_frequencies(cfg, positions), (cfg.num_layers, cfg.rope_dim // 2))
+        elif cfg.position == "rope":
+            out["inv_freq"] = np.stack([rope_inv_freq(cfg, local=bool(s)) for s in sliding])
+        return out
+
+    def _scan_blocks(self, x, positions, masks, cache, cache_index):
         """x (B, T, D) through the L stacked blocks with `jax.lax.scan`; the cache rides in the carry.
 
+        `masks` is (full, sliding-window) (B, 1, T, S), the second None without a window; each layer
+        picks its own by the scanned `sliding` flag (one traced body serves every layer).
         The body merges one layer's slice of the stacked parameters into a Block (after `gathers.layer`,
         e.g. ZeRO-3's all-gather of that layer) and is rematerialised by `self.remat`. With a gather, the
         gathered layer is never saved for the backward pass (it is gathered again there; remat 'none' then
@@ -364,14 +431,22 @@ class Transformer(nnx.Module):
         # Each leaf's float dtype: its own, or for layers stored as bits (`pack_layers`) the compute dtype.
         dtypes = jax.tree.map(lambda x: self.dtype if x.dtype == jnp.uint16 else x.dtype, stacked)
         gather, act_spec = self.gathers.layer, self.act_spec
+        per_layer = self._layer_inputs(positions)
+        full, local = masks
+        if local is not None and per_layer["sliding"].all():  # Mistral: every layer slides
+            full, local = local, None
+        elif not per_layer["sliding"].any():
+            local = None
 
         def body(carry, xs):
             h, layer_cache = carry
-            params, layer = xs
+            params, layer, this = xs
             if gather is not None:
                 params = gather(params)  # as bits where 16-bit: XLA:CPU has no bf16 all-gather either
             params = jax.tree.map(_from_bits, params, dtypes)
-            h, layer_cache = nnx.merge(graphdef, params)(h, positions, mask, layer_cache, cache_index, layer)
+            mask = full if local is None else jnp.where(this["sliding"], local, full)
+            h, layer_cache = nnx.merge(graphdef, params)(h, positions, mask, layer_cache, cache_index, layer,
+                                                         this.get("inv_freq"))
             if act_spec is not None:
                 h = jax.lax.with_sharding_constraint(h, act_spec)
             return (h, layer_cache), None
@@ -386,7 +461,7 @@ class Transformer(nnx.Module):
             # and gather the layer again in the backward scan instead.
             body = jax.checkpoint(body, policy=REMAT_POLICIES["dots"], prevent_cse=False)
         layers = jnp.arange(self.config.num_layers)
-        (x, cache), _ = jax.lax.scan(body, (x, cache), (jax.tree.map(_as_bits, stacked), layers))
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (jax.tree.map(_as_bits, stacked), layers, per_layer))
         return x, cache
 
     def _embed_tokens(self, ids):  # (B, T) -> (B, T, E) in the table's dtype
@@ -404,14 +479,20 @@ class Transformer(nnx.Module):
 
         `start` may be traced; as in `lax.dynamic_slice` it is clamped to V - size. Only that slice of the
         LM head (or of the tied embedding) is used, and under ZeRO-3 only it is gathered (`Gathers.table`).
+        With `final_softcap` (Gemma 2) the logits are cap * tanh(logits / cap), elementwise, so a chunk
+        is capped exactly as the whole would be.
         """
         if self.lm_head is not None:
             w = jax.lax.dynamic_slice_in_dim(self.lm_head.kernel[...], start, size, axis=1)  # (E, size)
             w = self._gathered("lm_head", w)
-            return jnp.einsum("...e,ev->...v", hidden.astype(self.dtype), w.astype(self.dtype)).astype(jnp.float32)
-        w = jax.lax.dynamic_slice_in_dim(self.embed.embedding[...], start, size, axis=0)  # (size, E)
-        w = self._gathered("embed", w)
-        return jnp.einsum("...e,ve->...v", hidden.astype(self.dtype), w.astype(self.dtype)).astype(jnp.float32)
+            logits = jnp.einsum("...e,ev->...v", hidden.astype(self.dtype), w.astype(self.dtype))
+        else:
+            w = jax.lax.dynamic_slice_in_dim(self.embed.embedding[...], start, size, axis=0)  # (size, E)
+            w = self._gathered("embed", w)
+            logits = jnp.einsum("...e,ve->...v", hidden.astype(self.dtype), w.astype(self.dtype))
+        logits = logits.astype(jnp.float32)
+        cap = self.config.final_softcap
+        return cap * jnp.tanh(logits / cap) if cap else logits
 
     def _gathered(self, name, table_slice):
         if self.gathers.table is None:
