@@ -35,6 +35,8 @@ _LONGROPE = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in ra
 VARIANTS = {
     "qwen3": ("qwen3", dict(head_dim=32)),
     "qwen3-tied-bias": ("qwen3", dict(head_dim=32, tie_word_embeddings=True, attention_bias=True)),
+    # a 3-token window on the second layer only (transformers' max_window_layers): rows of 9 tokens see it
+    "qwen3-window": ("qwen3", dict(head_dim=32, use_sliding_window=True, sliding_window=3, max_window_layers=1)),
     "llama3.2": ("llama", dict(head_dim=32, tie_word_embeddings=True, rope_theta=500000.0,
                                rope_scaling=_LLAMA3_ROPE)),
     "phi3": ("phi3", dict(sliding_window=4)),  # a window shorter than the batch's rows
@@ -245,8 +247,6 @@ def _edited(directory, tmp_path, **changes):
      r"rope_type 'longrope' is not supported for model_type 'qwen3'"),
     ("llama3.2", dict(rope_parameters={**_LLAMA3_ROPE, "rope_theta": 5e5, "partial_rotary_factor": 0.5}),
      r"partial_rotary_factor 0.5 is not supported for model_type 'llama'"),
-    ("qwen3", dict(use_sliding_window=True, sliding_window=8, layer_types=["full_attention", "sliding_attention"]),
-     r"layer_types mixes sliding and full attention"),
 ])
 def test_unsupported_options_name_the_key(hf_models, tmp_path, name, changes, message):
     directory = _edited(hf_models[name][0], tmp_path, **changes)
@@ -260,6 +260,7 @@ def test_qwen3_sliding_window_on_every_layer_is_read(hf_models, tmp_path):
     assert load_pretrained(directory).config.sliding_window == 8
     directory = _edited(hf_models["qwen3"][0], tmp_path / "off", use_sliding_window=False, sliding_window=8)
     assert load_pretrained(directory).config.sliding_window == 0
+    assert hf_models["qwen3-window"][2].config.sliding_layers == (False, True)
 
 
 def test_phi3_lora_on_split_projections_exports_fused(hf_models, tmp_path):

@@ -234,6 +234,7 @@ def config_from_hf(d: dict) -> ModelConfig:
     heads = d["num_attention_heads"]
     head_dim = d.get("head_dim") or d["hidden_size"] // heads
     scaling, rotary_dim = _rope_scaling(family, rope, d, head_dim)
+    window, layer_types = _sliding_window(family, d)
     return ModelConfig(
         family=family, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
         num_layers=d["num_hidden_layers"], num_heads=heads,
@@ -245,7 +246,7 @@ def config_from_hf(d: dict) -> ModelConfig:
         qkv_bias=family == "qwen2" or d.get("attention_bias", False),
         out_bias=family != "qwen2" and d.get("attention_bias", False),
         mlp_bias=d.get("mlp_bias", False), tie_embeddings=d.get("tie_word_embeddings", False),
-        sliding_window=_sliding_window(family, d), qk_norm=family == "qwen3", **ids,
+        sliding_window=window, layer_types=layer_types, qk_norm=family == "qwen3", **ids,
     )
 
 
@@ -282,23 +283,21 @@ def _rope_scaling(family, rope: dict, d: dict, head_dim: int):
     return tuple(sorted(rope.items())), rotary_dim
 
 
-def _sliding_window(family, d: dict) -> int:
-    """The attention window every layer uses (0: full); refuses a per-layer mix."""
+def _sliding_window(family, d: dict) -> tuple[int, tuple[str, ...]]:
+    """(the attention window, which layers use it: `layer_types`, () = every layer) for the Llama-style
+    families. Qwen2/Qwen3 slide only with `use_sliding_window`, on the layers `layer_types` names (by
+    default those from `max_window_layers` on, as transformers builds them)."""
     window = d.get("sliding_window") or 0
-    if family == "qwen2" and not d.get("use_sliding_window", False):
-        window = 0
-    if family == "qwen3":
-        window = window if d.get("use_sliding_window", False) else 0
-        types = d.get("layer_types") or [
-            "sliding_attention" if window and i >= d.get("max_window_layers", 28) else "full_attention"
-            for i in range(d["num_hidden_layers"])]
-        if not window or set(types) == {"full_attention"}:
-            return 0
-        if set(types) != {"sliding_attention"}:
-            raise JaxrlError(f"layer_types mixes sliding and full attention ({types}), which jaxrl's qwen3 does "
-                             "not support: it applies one window to every layer (use_sliding_window with "
-                             "max_window_layers=0) or none")
-    return window
+    if family not in ("qwen2", "qwen3"):
+        return window, ()
+    if not (window and d.get("use_sliding_window", False)):
+        return 0, ()
+    types = tuple(d.get("layer_types") or [
+        "sliding_attention" if i >= d.get("max_window_layers", 28) else "full_attention"
+        for i in range(d["num_hidden_layers"])])
+    if set(types) == {"full_attention"}:
+        return 0, ()
+    return window, (() if set(types) == {"sliding_attention"} else types)
 
 
 def _rope(params: dict, key: str = "rope_parameters") -> tuple[float, tuple | None]:
@@ -396,11 +395,13 @@ def config_to_hf(cfg: ModelConfig, *, score: bool = False) -> dict:
             kw.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
         if cfg.family == "mistral":
             kw.update(sliding_window=cfg.sliding_window or None)
-        if cfg.family == "qwen2":
-            kw.update(use_sliding_window=bool(cfg.sliding_window), sliding_window=cfg.sliding_window or None)
-        if cfg.family == "qwen3":  # max_window_layers 0: the window (if any) on every layer
-            kw.update(attention_bias=cfg.qkv_bias, use_sliding_window=bool(cfg.sliding_window),
-                      sliding_window=cfg.sliding_window or None, max_window_layers=0)
+        if cfg.family in ("qwen2", "qwen3"):  # which layers slide: layer_types (max_window_layers 0: all)
+            kw.update(use_sliding_window=bool(cfg.sliding_window), sliding_window=cfg.sliding_window or None,
+                      max_window_layers=0)
+            if cfg.sliding_window:
+                kw.update(layer_types=["sliding_attention" if s else "full_attention" for s in cfg.sliding_layers])
+        if cfg.family == "qwen3":
+            kw.update(attention_bias=cfg.qkv_bias)
         if cfg.family == "phi3":
             kw.update(sliding_window=cfg.sliding_window or None)
             if rope.get("rope_type") == "longrope":
