@@ -17,10 +17,20 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrl.models.lora import merge_lora
-from jaxrl.models.transformer import pack_layers, store_params, to_bits
+from jaxrl.models.lora import merge_lora, without_lora
+from jaxrl.models.transformer import Transformer, pack_layers, store_params, to_bits
 from jaxrl.parallel.mesh import make_mesh, settle
 from jaxrl.parallel.sharding import DATA_AXES, model_shardings, spec_tree
+
+
+def _transformers(model):
+    return [(tuple(path), m) for path, m in nnx.iter_graph(model) if isinstance(m, Transformer)]
+
+
+def _subtree(tree: dict, path: tuple) -> dict:
+    for key in path:
+        tree = tree[key]
+    return tree
 
 
 def generation_mesh(data: int, tensor: int, devices=None):
@@ -55,9 +65,32 @@ class HybridEngine:
         self.batch_sharding = NamedSharding(gen_mesh, P(DATA_AXES))
 
     def _to_generation(self, params, frozen):
-        model = merge_lora(nnx.merge(self.graphdef, params, frozen))
-        state = nnx.to_pure_dict(nnx.state(model))
-        return jax.tree.map(self._cast, state, self._abstract)
+        model = nnx.merge(self.graphdef, params, frozen)
+        stacks = {path: self._layers_to_generation(module.layers, path)
+                  for path, module in _transformers(model)}
+        for _, module in _transformers(model):  # their layers are done; what is left is small
+            without_lora(module.layers)
+        state = jax.tree.map(self._cast, nnx.to_pure_dict(nnx.state(merge_lora(model))), self._abstract)
+        for path, stack in stacks.items():
+            _subtree(state, path)["layers"] = stack
+        return state
+
+    def _layers_to_generation(self, layers: nnx.Module, path: tuple):
+        """One Transformer's stacked layers in the copy's layout, one layer at a time (a scan whose output
+        stack is written layer by layer): LoRA folded in, cast, and moved onto the generation mesh, so the
+        step holds the copy plus one layer in flight, never a second whole stack in the training layout's
+        shape or dtype."""
+        graphdef, stacked = nnx.split(layers)
+        like = _subtree(self._abstract, path)["layers"]
+        shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, P(*s.spec[1:])),
+                                 _subtree(self.shardings, path)["layers"])
+
+        def one(_, layer):
+            block = merge_lora(nnx.merge(graphdef, layer))
+            out = jax.tree.map(self._cast, nnx.to_pure_dict(nnx.state(block)), like)
+            return None, jax.lax.with_sharding_constraint(out, shardings)
+
+        return jax.lax.scan(one, None, nnx.to_pure_dict(stacked))[1]
 
     def _cast(self, x, like):
         """A training-layout leaf as the copy holds it (`like`): the inference dtype, or its bits."""
