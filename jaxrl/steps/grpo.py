@@ -209,7 +209,7 @@ class GRPO:
         rows = [row for row in gather_rows(batch_rows(prompts)) for _ in range(group)]
         t0 = time.perf_counter()
         batch = ppo.rollout(self.roles.hybrid, actor_state, repeated, rng, sampler or self.sampler,
-                            self.train_sharding)
+                            self.train_sharding, group=group)
         t1 = time.perf_counter()
         scores, metrics = self.reward(batch, rows)
         times["time/generation"] = times.get("time/generation", 0.0) + t1 - t0
