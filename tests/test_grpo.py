@@ -7,6 +7,7 @@ import contextlib
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -329,3 +330,34 @@ def test_a_stopped_grpo_run_resumes_to_the_same_metrics(root, monkeypatch, caplo
     want_params = nnx.to_pure_dict(nnx.state(load_pretrained(str(root / "straight" / "hf")), nnx.Param))
     _close_tree(nnx.to_pure_dict(nnx.state(load_pretrained(str(root / "resumed" / "hf")), nnx.Param)),
                 want_params, 1e-5)
+
+
+def test_fp32_sampler_and_trainer_logprobs_agree_at_any_batch_shape_or_padding(root):
+    """The mismatch metric's premise: in fp32 the sampler's log-probs of its tokens equal the training
+    forward's (`response_logprobs`) within 1e-5, for batches of 4 or 8 rows (dummy rows added), prompts
+    left-padded to 8 or 16, and a training batch laid out differently from the sampler's (4 more pad
+    columns, rows reversed)."""
+    from jaxrl.algorithms import grpo as grpo_math
+    from jaxrl.algorithms.ppo import response_logprobs
+    from jaxrl.generation import SamplerConfig, generate_batch, pad_prompts
+
+    tok = synthetic.build_tokenizer()
+    model = load_pretrained(str(root / "sft"))
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in ("3+4=", "12+30=", "7+", "45+45=")]
+    cfg = SamplerConfig(max_new_tokens=6, temperature=1.0, eos_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id)
+    logp = nnx.jit(lambda m, s, a, plen: response_logprobs(m, s, a, plen)[0], static_argnums=3)
+    worst = []
+    for rows, length in ((4, 8), (8, 16)):
+        ids, mask = pad_prompts(prompts, length, rows, tok.pad_token_id)
+        out = {k: np.asarray(v) for k, v in generate_batch(model, ids, mask, cfg, jax.random.key(rows)).items()}
+        assert out["mask"][:4].sum() > 4
+        for extra, order in ((0, slice(None)), (4, slice(None, None, -1))):
+            pad = np.full((rows, extra), tok.pad_token_id, np.int32)
+            seq = np.concatenate([pad, ids, out["tokens"]], 1)[order]
+            attn = np.concatenate([np.zeros_like(pad), mask, out["mask"]], 1)[order]
+            trainer = np.asarray(logp(model, jnp.asarray(seq), jnp.asarray(attn), length + extra))[order]
+            m = grpo_math.logprob_mismatch(jnp.asarray(out["logprobs"][:4]), jnp.asarray(trainer[:4]),
+                                           jnp.asarray(out["mask"][:4]))
+            worst.append(float(m["mismatch/max_abs"]))
+            assert float(m["mismatch/frac_outside"]) == 0.0
+    assert max(worst) < 1e-5, worst
