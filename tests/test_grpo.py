@@ -1,7 +1,9 @@
 """The GRPO family end to end on a tiny random model: one GRPO step on 8 devices (ZeRO-3 over fsdp=8, the
 Hybrid Engine generating on data=4 x tensor=2, two accumulated mini-batches, through `jaxrl grpo`) against
 1 device and one mini-batch, with token-mean aggregation; reward functions that raise or return NaN inside
-the run; `jaxrl plan --step grpo`; and the config's errors."""
+the run; `jaxrl plan --step grpo`; the config's errors; dapo, gspo, rloo and reinforce_pp each through the
+step, showing what sets it apart; a stopped run resuming to the same metrics; and the fp32 sampler's
+log-probs against the training forward's at several batch shapes and paddings."""
 
 import contextlib
 import json
