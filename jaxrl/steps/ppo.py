@@ -179,9 +179,11 @@ def controller(kl_coef: float, score_moments) -> ppo.Controller:
     return ppo.Controller(kl_coef=np.float32(kl_coef), score_moments=tuple(np.float32(x) for x in score_moments))
 
 
-def rollout(hybrid: HybridEngine, actor_state, prompts: dict, rng, sampler: SamplerConfig, train_sharding) -> dict:
+def rollout(hybrid: HybridEngine, actor_state, prompts: dict, rng, sampler: SamplerConfig, train_sharding, *,
+            group: int = 1) -> dict:
     """One rollout batch: generated on the generation mesh from a fresh generation copy of the actor (then
-    dropped), moved device to device onto the training mesh.
+    dropped), moved device to device onto the training mesh. `group` G > 1: the rows are groups of G
+    consecutive copies of a prompt, and each group shares one prefill (`generation.prefill`).
 
     Returns `seq`, `attention_mask` (B, P + R) int32 (prompt + response), `response_mask` (B, R) int32 and
     `sampler_logprobs` (B, R) fp32 (the sampler's log pi of each generated token under the raw logits,
@@ -191,7 +193,7 @@ def rollout(hybrid: HybridEngine, actor_state, prompts: dict, rng, sampler: Samp
         gen = build.to_device({k: prompts[k] for k in ("input_ids", "attention_mask")}, hybrid.batch_sharding)
         model = hybrid.generation_copy(actor_state.params, actor_state.frozen)
         out = generate_batch(model, gen["input_ids"], gen["attention_mask"], sampler, rng,
-                             batch_sharding=hybrid.batch_sharding)
+                             batch_sharding=hybrid.batch_sharding, group=group)
         del model  # the generation copy's memory goes back to training
     batch = {
         "seq": jnp.concatenate([gen["input_ids"], out["tokens"]], axis=1),
