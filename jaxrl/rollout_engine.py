@@ -37,7 +37,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxrl.errors import JaxrlError
-from jaxrl.generation import SamplerConfig, _is_eos, _row_shards, prompt_bucket, sample_tokens, token_logprobs
+from jaxrl.generation import (SamplerConfig, _check_prompts, _is_eos, _row_shards, batch_bucket, prompt_bucket,
+                              sample_tokens, sampler_config, token_logprobs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,4 +311,31 @@ def generate_slots(model, prompts: list[list[int]], cfg: SamplerConfig, rng, *, 
         counts["decode_steps"] += int((step - before).max())
     if stats is not None:
         stats.update(counts)
-    return {"tokens": state.tokens, "logprobs": state.logprobs, "mask": state.mask}
+    out = {"tokens": state.tokens, "logprobs": state.logprobs, "mask": state.mask}
+    if batch_sharding is not None and len(prompts) % shards == 0:
+        out = jax.device_put(out, batch_sharding)  # rows where the caller's prompt rows are
+    return out
+
+
+def generate_padded(model, prompt_ids, prompt_mask, cfg: SamplerConfig, rng, *, engine: EngineConfig,
+                    batch_sharding: NamedSharding | None = None) -> dict[str, jax.Array]:
+    """`generation.generate_batch` through the slot engine: (B, Tp) left-padded host prompts in, the same
+    (B, N) `tokens`, `logprobs`, `mask` out (PPO's rollouts; identical rows share a prefill)."""
+    ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask).astype(bool)
+    prompts = [row[m].tolist() for row, m in zip(ids, mask)]
+    return generate_slots(model, prompts, cfg, rng, engine=engine, batch_sharding=batch_sharding)
+
+
+def generate(model, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, eos_ids=None, seed: int = 0, *, slots: int = 32,
+             batch_sharding: NamedSharding | None = None, rng: jax.Array | None = None) -> list[list[int]]:
+    """`generation.generate` through the slot engine (same arguments; `slots` instead of `batch_size`):
+    one list of generated ids per prompt, ending with EOS when one was produced."""
+    cfg = sampler_config(model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                         top_k=top_k, eos_ids=eos_ids)
+    _check_prompts(model.config, prompts, max_new_tokens)
+    rng = jax.random.key(seed) if rng is None else rng
+    slots = min(slots, batch_bucket(len(prompts), _row_shards(batch_sharding)))  # no more slots than prompts need
+    out = generate_slots(model, prompts, cfg, rng, engine=EngineConfig(slots=slots), batch_sharding=batch_sharding)
+    tokens, valid = np.asarray(out["tokens"]), np.asarray(out["mask"])
+    return [tokens[r, :valid[r].sum()].tolist() for r in range(len(prompts))]
