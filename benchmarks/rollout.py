@@ -48,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--hf-prompts", type=int, default=-1, help="HF runs on the first this many prompts (-1: all, 0: skip)")
     p.add_argument("--workloads", nargs="+", default=["long-tailed", "equal", "equal-cap"])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--torch-threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -146,12 +147,16 @@ def timed(systems, repeats: int) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    import torch
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory() as directory:
         hf, model = build_models(args, directory)
     print(f"jax={jax.default_backend()} hidden={args.hidden} layers={args.layers} vocab=1024 prompts={args.prompts} "
           f"slots={args.slots} chunk_steps={args.chunk_steps} length_block={args.length_block} "
-          f"max_new_tokens={args.max_new_tokens}", flush=True)
+          f"max_new_tokens={args.max_new_tokens} torch_threads={torch.get_num_threads()}", flush=True)
     print("workload | system | prompts | useful tokens | seconds | useful tok/s | lengths exact | notes")
     for kind in args.workloads:
         prompts, want = workload(args, kind, rng)

@@ -1,11 +1,12 @@
 """The slot engine against the static sampler: same greedy completions (mixed prompt lengths, EOS at
 various lengths, more prompts than slots), reproducible sampling, shared group prefill, compile counts."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -85,16 +86,24 @@ def test_greedy_matches_static_sampler_token_for_token(llama):
     assert stats["decode_steps"] < N * -(-len(prompts) // 4)
 
 
+SAMPLED = dict(max_new_tokens=N, temperature=0.9, top_k=20)
+
+
+def _short(seed=0, count=7):
+    """Prompts of one bucket (16)."""
+    return [p[:10] for p in _prompts(seed, count)]
+
+
 def test_sampling_is_reproducible_per_prompt_not_per_slot(llama):
     _, model = llama
-    prompts = _prompts(seed=2)
-    cfg = gen.sampler_config(model, max_new_tokens=N, temperature=0.9, top_k=20)
+    prompts = _short(seed=2)
+    cfg = gen.sampler_config(model, **SAMPLED)
     a = _slots(model, prompts, cfg, seed=3)
     b = _slots(model, prompts, cfg, seed=3)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
-    # another schedule puts prompts in other slots and refills at other times: same samples
-    other = _slots(model, prompts, cfg, seed=3, eng=engine.EngineConfig(slots=8, chunk_steps=5, refill_at=1))
+    # another schedule (refill as soon as one slot is free) puts prompts in other slots at other times
+    other = _slots(model, prompts, cfg, seed=3, eng=dataclasses.replace(SMALL, refill_at=1))
     np.testing.assert_array_equal(other["tokens"], a["tokens"])
     np.testing.assert_allclose(other["logprobs"], a["logprobs"], atol=2e-5)
     assert (_slots(model, prompts, cfg, seed=4)["tokens"] != a["tokens"]).any()
@@ -109,28 +118,27 @@ def test_sampling_is_reproducible_per_prompt_not_per_slot(llama):
 
 def test_a_group_shares_one_prefill(llama):
     _, model = llama
-    base = _prompts(count=3)
-    group = [p for p in base for _ in range(4)]  # G = 4 consecutive samples per prompt
+    base = _short(count=3)
+    group = [p for p in base for _ in range(4)]  # G = 4 consecutive samples per prompt, one group per refill
     greedy = gen.sampler_config(model, max_new_tokens=N, eos_ids=())
     stats = {}
-    out = _slots(model, group, greedy, eng=engine.EngineConfig(slots=8, chunk_steps=4), stats=stats)
+    out = _slots(model, group, greedy, stats=stats)
     ref = _static(model, base, greedy)
     np.testing.assert_array_equal(out["tokens"], np.repeat(ref["tokens"], 4, axis=0))
     assert stats["prefill_rows"] == 12 and stats["prefill_prompts"] == 3
-    sampled = _slots(model, group, gen.sampler_config(model, max_new_tokens=N, temperature=1.0))
+    sampled = _slots(model, group, gen.sampler_config(model, **SAMPLED))
     assert len({tuple(r) for r in sampled["tokens"][:4]}) > 1  # the samples of one prompt differ
 
 
 def test_one_compile_per_bucket(llama):
     _, model = llama
     cfg = gen.sampler_config(model, max_new_tokens=N, eos_ids=(3,))
-    eng = engine.EngineConfig(slots=4, chunk_steps=4, length_block=32)
     prompts = [[5, 6, 7], [9] * 10, [11, 12], [13] * 5, [14]]  # one prompt bucket (16), 5 prompts > 4 slots
     with compiles() as first:
-        _slots(model, prompts, cfg, eng=eng)
-    assert first["decode_chunk"] <= 1 and first["init_state"] == 1  # S = 16 + 12 = 28 < one length block
+        _slots(model, prompts, cfg)
+    assert first["decode_chunk"] <= 2 and first["init_state"] == 1  # S = 16 + 12 = 28: length buckets 16, 28
     with compiles() as second:
-        _slots(model, [[20, 21], [22] * 9, [23] * 3, [24], [25] * 6], cfg, eng=eng)
+        _slots(model, [[20, 21], [22] * 9, [23] * 3, [24], [25] * 6], cfg)
     assert second["decode_chunk"] == second["prefill_slots"] == second["init_state"] == 0
 
 
@@ -139,7 +147,7 @@ def test_tensor_parallel_model_with_sharded_slots_gives_the_same_tokens(llama):
     mesh = jax.make_mesh((4, 1, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
     with jax.set_mesh(mesh):
         tp_model = load_pretrained(directory, shardings=model_shardings(shard_params=False))
-    prompts = _prompts(count=6)
+    prompts = _short(count=6)
     cfg = gen.sampler_config(model, max_new_tokens=N, eos_ids=(3,))
     rows = NamedSharding(mesh, P("data"))
     out = engine.generate_slots(tp_model, prompts, cfg, jax.random.key(0), engine=SMALL, batch_sharding=rows)
@@ -151,8 +159,8 @@ def test_tensor_parallel_model_with_sharded_slots_gives_the_same_tokens(llama):
 
 def test_generate_api_and_bad_inputs(llama):
     _, model = llama
-    prompts = _prompts(count=5)
-    assert engine.generate(model, prompts, max_new_tokens=N, slots=2) == gen.generate(model, prompts, max_new_tokens=N)
+    prompts = _short(count=5)
+    assert engine.generate(model, prompts, max_new_tokens=N, slots=4) == gen.generate(model, prompts, max_new_tokens=N)
     with pytest.raises(JaxrlError, match="prompt 1 is empty"):
         engine.generate(model, [[4], []])
     with pytest.raises(JaxrlError, match="chunk_steps must be >= 1"):
