@@ -208,8 +208,9 @@ class GRPO:
         # The rollout's rows are every process's rows in process order, so are the fields.
         rows = [row for row in gather_rows(batch_rows(prompts)) for _ in range(group)]
         t0 = time.perf_counter()
+        engine = ppo.slot_engine(self.cfg, len(repeated["input_ids"]))  # a group's rows share their prefill
         batch = ppo.rollout(self.roles.hybrid, actor_state, repeated, rng, sampler or self.sampler,
-                            self.train_sharding, group=group)
+                            self.train_sharding, engine, group=group)
         t1 = time.perf_counter()
         scores, metrics = self.reward(batch, rows)
         times["time/generation"] = times.get("time/generation", 0.0) + t1 - t0
