@@ -10,7 +10,15 @@ ids), on full-length prompts of --prompt-len random ids. Reported per batch size
                 once, which bounds a memory-bound decode step from below
   agree         fraction of generated tokens on which the two greedy outputs agree (a sanity check)
 
+With --group G it instead measures GRPO's shared prefill: each of --batch prompts repeated G times in
+consecutive rows, generated with `group=G` (one prefill per distinct prompt, its cache repeated) against
+`group=1` (G separate prefills of the same prompt), same key; reported per prompt count:
+  prefill ms    the jitted prefill alone, median over --repeats after a warm-up, shared and separate
+  total ms      prefill + decode of --new-tokens tokens (no EOS), shared and separate
+  same tokens   whether both paths produced identical tokens (they should)
+
 Usage: python benchmarks/generate.py --preset small --batch 1 16 --prompt-len 32 --new-tokens 32
+       python benchmarks/generate.py --preset small --batch 1 2 --prompt-len 256 --new-tokens 16 --group 8
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--torch-threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    p.add_argument("--group", type=int, default=0,
+                   help="G > 1: benchmark a shared prefill of --batch prompts x G samples against G prefills each")
     return p.parse_args(argv)
 
 
@@ -90,6 +100,42 @@ def time_jaxrl(model, ids, new_tokens: int, repeats: int):
     return total, median_time(prefill, repeats), np.asarray(full())
 
 
+def time_shared_prefill(model, ids, group: int, new_tokens: int, repeats: int):
+    """{'shared'|'separate': (prefill seconds, prefill + decode seconds, tokens)} for the prompts `ids`
+    (P, Tp) each repeated `group` times in consecutive rows, with one shared prefill per prompt or not."""
+    from jaxrl import generation as gen
+
+    cfg = gen.SamplerConfig(max_new_tokens=new_tokens, temperature=1.0, eos_ids=(), pad_id=0)
+    graphdef, params = nnx.split(model)
+    rows = jnp.asarray(np.repeat(ids, group, axis=0), jnp.int32)  # (P * G, Tp)
+    mask = jnp.ones_like(rows)
+    key = jax.random.key(0)
+    out = {}
+    for name, g in (("shared", group), ("separate", 1)):
+        def prefill(g=g):
+            return jax.block_until_ready(gen.prefill(graphdef, params, rows, mask, key, cfg=cfg, group=g))
+
+        def full(g=g):
+            state = gen.prefill(graphdef, params, rows, mask, key, cfg=cfg, group=g)
+            return jax.block_until_ready(gen.decode(graphdef, params, state, cfg=cfg).tokens)
+
+        out[name] = (median_time(prefill, repeats), median_time(full, repeats), np.asarray(full()))
+    return out
+
+
+def main_shared_prefill(args, model):
+    rng = np.random.default_rng(args.seed)
+    print(" | ".join(("prompts", "rows", "shared prefill ms", "separate prefill ms", "prefill speed-up",
+                      "shared total ms", "separate total ms", "total speed-up", "same tokens")))
+    for b in args.batch:
+        ids = rng.integers(3, model.config.vocab_size, size=(b, args.prompt_len))
+        t = time_shared_prefill(model, ids, args.group, args.new_tokens, args.repeats)
+        (sp, st, stok), (pp, pt, ptok) = t["shared"], t["separate"]
+        row = (f"{b}", f"{b * args.group}", f"{1e3 * sp:.1f}", f"{1e3 * pp:.1f}", f"{pp / sp:.2f}",
+               f"{1e3 * st:.1f}", f"{1e3 * pt:.1f}", f"{pt / st:.2f}", str(bool((stok == ptok).all())))
+        print(" | ".join(row), flush=True)
+
+
 def time_hf(model, ids, new_tokens: int, repeats: int, device: str):
     """(seconds for N tokens, seconds for 1 token, tokens)."""
     import torch
@@ -138,6 +184,8 @@ def main(argv=None):
     print(f"preset={args.preset} params={n_params / 1e6:.1f}M dtype={args.dtype} prompt={args.prompt_len} "
           f"new={args.new_tokens} jax={jax.default_backend()} ({jax.devices()[0].device_kind}) torch={device} "
           f"torch_threads={torch.get_num_threads()}")
+    if args.group > 1:
+        return main_shared_prefill(args, model)
     header = ("batch", "jaxrl tok/s", "HF tok/s", "jaxrl/HF", "jaxrl ms/step", "HF ms/step", "floor ms/step",
               "agree")
     print(" | ".join(header))

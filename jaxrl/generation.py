@@ -142,11 +142,31 @@ def _shard_rows(state: SamplerState, batch_sharding: NamedSharding | None) -> Sa
     return jax.tree.map(pin, state.replace(cache=None)).replace(cache=cache)
 
 
+def _group_heads(arrays, group: int, batch_sharding: NamedSharding | None):
+    """The first row of each group of `group` consecutive rows: (B, ...) -> (B/G, ...). The heads keep the
+    batch's row sharding when they split over its shards; otherwise they are replicated (each device then
+    prefills every distinct prompt, still G times fewer than the whole batch)."""
+    if group == 1:
+        return arrays
+    if arrays[0].shape[0] % group:
+        raise JaxrlError(f"{arrays[0].shape[0]} rows are not a whole number of groups of {group}")
+    heads = tuple(x[::group] for x in arrays)
+    if batch_sharding is None:
+        return heads
+    rows = batch_sharding.spec[0] if heads[0].shape[0] % _row_shards(batch_sharding) == 0 else None
+    return tuple(jax.lax.with_sharding_constraint(x, NamedSharding(batch_sharding.mesh, P(rows))) for x in heads)
+
+
 # ----------------------------------------------------------------------------------- jitted functions
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "batch_sharding"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "batch_sharding", "group"))
 def prefill(graphdef, params, prompt_ids, prompt_mask, rng, *, cfg: SamplerConfig,
-             batch_sharding=None) -> SamplerState:
+             batch_sharding=None, group: int = 1) -> SamplerState:
     """Runs left-padded prompts through the model into a fresh cache and samples the first token.
+
+    With `group` G > 1 the rows come in groups of G consecutive copies of one prompt (GRPO's samples):
+    only the first row of each group goes through the model, and its cache and last logits are
+    repeated G times, so a group costs one prompt's prefill. The rows then sample as in the unshared
+    path (one key per step over the whole batch, an independent draw per row).
 
     Args:
       graphdef, params: the model as `nnx.split(model)` gives it (graphdef is static: one compilation
@@ -155,16 +175,21 @@ def prefill(graphdef, params, prompt_ids, prompt_mask, rng, *, cfg: SamplerConfi
       rng: PRNG key.
       cfg: the sampler config (static).
       batch_sharding: optional row sharding of the state (static).
+      group: G, rows per shared prompt (static); B must be a multiple of it.
     Returns:
       The SamplerState after one generated token (step 1).
     """
     model = nnx.merge(graphdef, params)
     b, tp = prompt_ids.shape
     n = cfg.max_new_tokens
-    cache = model.init_cache(b, tp + n)
     kv_mask = jnp.concatenate([prompt_mask, jnp.zeros((b, n), prompt_mask.dtype)], axis=1)  # (B, S)
-    hidden, cache = model.forward(prompt_ids, prompt_mask, cache=cache, cache_index=0, kv_mask=kv_mask)
-    logits = model.logits(hidden[:, -1:])[:, 0]  # (B, V): left padding puts every row's end last
+    ids, mask = _group_heads((prompt_ids, prompt_mask), group, batch_sharding)  # (B/G, Tp)
+    hidden, cache = model.forward(ids, mask, cache=model.init_cache(b // group, tp + n), cache_index=0,
+                                  kv_mask=kv_mask[::group])
+    logits = model.logits(hidden[:, -1:])[:, 0]  # (B/G, V): left padding puts every row's end last
+    if group > 1:  # (L, B/G, S, K, H) -> (L, B, S, K, H); (B/G, V) -> (B, V)
+        cache = jax.tree.map(lambda x: jnp.repeat(x, group, axis=1), cache)
+        logits = jnp.repeat(logits, group, axis=0)
     rng, key = jax.random.split(rng)
     token = sample_tokens(logits, key, cfg)
     state = SamplerState(
@@ -235,7 +260,7 @@ def decode_step(graphdef, params, state: SamplerState, *, cfg: SamplerConfig,
 
 # ------------------------------------------------------------------------------------------- batches
 def generate_batch(model, prompt_ids, prompt_mask, cfg: SamplerConfig, rng, *,
-                   batch_sharding: NamedSharding | None = None) -> dict[str, jax.Array]:
+                   batch_sharding: NamedSharding | None = None, group: int = 1) -> dict[str, jax.Array]:
     """Generates for one left-padded batch, at exactly the given shape (no bucketing: PPO's rollout
     batches already have a fixed shape).
 
@@ -246,6 +271,8 @@ def generate_batch(model, prompt_ids, prompt_mask, cfg: SamplerConfig, rng, *,
       cfg: the sampler config.
       rng: a PRNG key (`jax.random.key`).
       batch_sharding: where the rows live (e.g. NamedSharding(mesh, P('data'))); None = default device.
+      group: G > 1 when the rows are groups of G consecutive copies of one prompt: each group shares one
+        prefill (see `prefill`); the outputs are those of the unshared path.
     Returns:
       dict of device arrays: `tokens` (B, N) int32 (pad after EOS), `logprobs` (B, N) fp32
       (log-softmax of the raw logits at the sampled token, see `token_logprobs`; 0 where masked),
@@ -256,7 +283,8 @@ def generate_batch(model, prompt_ids, prompt_mask, cfg: SamplerConfig, rng, *,
     prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
     if batch_sharding is not None:
         prompt_ids, prompt_mask = jax.device_put((prompt_ids, prompt_mask), batch_sharding)
-    state = prefill(graphdef, params, prompt_ids, prompt_mask, rng, cfg=cfg, batch_sharding=batch_sharding)
+    state = prefill(graphdef, params, prompt_ids, prompt_mask, rng, cfg=cfg, batch_sharding=batch_sharding,
+                    group=group)
     state = decode(graphdef, params, state, cfg=cfg, batch_sharding=batch_sharding)
     return {"tokens": state.tokens, "logprobs": state.logprobs, "mask": state.mask}
 

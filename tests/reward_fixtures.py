@@ -8,6 +8,10 @@ def length(prompts, completions, **_):
     return [len(c) for c in completions]
 
 
+def constant(prompts, completions, **_):
+    return [1.0] * len(completions)
+
+
 def echo_answer(prompts, completions, answer, **_):
     return [float(a) for a in answer]
 

@@ -133,6 +133,8 @@ def test_file_errors(tmp_path):
     (["data.split=1,nan,1"], "data.split must be non-negative numbers with a positive sum"),
     (["data.max_prompt_len=64"], "data.max_prompt_len (64) must be < data.max_len (64)"),
     (["generation.top_p=0"], "generation.top_p must be in (0, 1]"),
+    (["generation.engine=paged"], "generation.engine must be one of static, slots; got 'paged'"),
+    (["generation.slots=-1"], "generation.slots must be >= 0"),
     (["ppo.lam=1.5"], "ppo.lam must be in [0, 1], got 1.5"),
     (["ppo.mini_batches=3"], "ppo.rollout_batch_size (16) must be divisible by ppo.mini_batches (3)"),
     (["model.lora.rank=-1"], "model.lora.rank must be >= 0, got -1"),

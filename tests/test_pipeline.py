@@ -17,6 +17,17 @@ REDUCED = [
 ]
 
 
+def assert_summary_png(path):
+    """summary.png is a PNG that decodes to a page with something drawn on it; returns its pixels."""
+    from matplotlib.image import imread
+
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    pixels = imread(path)
+    assert pixels.shape[0] > 500 and pixels.shape[1] > 500 and pixels.std() > 0.01
+    return pixels
+
+
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
     """The embedded default exactly as `jaxrl pipeline` runs it (seed 0, about 4 minutes on 2 cores): what
@@ -44,6 +55,7 @@ def test_pipeline_writes_summary_plots_and_models(pipeline_dir):
     step3 = os.path.join(pipeline_dir, "step3_ppo")
     for name in ("reward_mean.png", "reward_score.png", "kl.png"):
         assert os.path.getsize(os.path.join(step3, "plots", name)) > 0
+    assert_summary_png(os.path.join(pipeline_dir, "summary.png"))
     for d in ("step1_sft/hf", "step2_reward/hf", "step3_ppo/hf", "step3_ppo/hf-critic"):
         assert os.path.exists(os.path.join(pipeline_dir, d, "model.safetensors"))
 
@@ -77,7 +89,9 @@ def test_dpo_and_the_grpo_family_replace_steps_2_and_3(tmp_path):
              "pipeline.grpo=[train.steps=2, ppo.rollout_batch_size=16, ppo.eval_prompts=16, grpo.group_size=4]",
              "pipeline.dpo=[train.steps=2]"]
     assert cli.main(["pipeline", "--output", out, "algorithm=grpo", *small]) == 0
+    grpo_page = assert_summary_png(os.path.join(out, "summary.png"))
     assert cli.main(["pipeline", "--output", out, "--steps", "3", "algorithm=dpo", *small]) == 0
+    assert (assert_summary_png(os.path.join(out, "summary.png")) != grpo_page).any()  # redrawn for dpo
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     assert not os.path.exists(os.path.join(out, "step2_reward")) and "reward" not in summary

@@ -22,7 +22,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K most likely")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
-    parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="prompts per batch")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="B",
+                        help="rows decoding together: the slot engine's slots, or the static sampler's batch")
+    parser.add_argument("--engine", choices=("slots", "static"), default="slots",
+                        help="slots: finished rows take the next prompt (jaxrl/rollout_engine.py); static: "
+                             "each batch decodes until its longest completion ends")
     parser.add_argument("--output", metavar="FILE.jsonl", help="write {prompt, completion} rows here")
 
 
@@ -34,16 +38,24 @@ def run(args) -> int:
     from jaxrl.train.build import load_tokenizer
 
     tokenizer = load_tokenizer(args.model, what="--model")
+    if args.batch_size < 1:
+        raise JaxrlError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.chat and not getattr(tokenizer, "chat_template", None):
         raise JaxrlError(f"--chat: the tokenizer in {args.model} has no chat_template; drop --chat")
 
-    from jaxrl.generation import generate
     from jaxrl.models.hf import load_pretrained
 
     model = load_pretrained(args.model)
     ids = [encode(tokenizer, p, chat=args.chat) for p in prompts]
-    outputs = generate(model, ids, max_new_tokens=args.max_new_tokens, eos_ids=_eos_ids(model, tokenizer),
-                       seed=args.seed, batch_size=args.batch_size, **sampling)
+    common = dict(max_new_tokens=args.max_new_tokens, eos_ids=_eos_ids(model, tokenizer), seed=args.seed, **sampling)
+    if args.engine == "slots":
+        from jaxrl.rollout_engine import generate
+
+        outputs = generate(model, ids, slots=args.batch_size, **common)
+    else:
+        from jaxrl.generation import generate
+
+        outputs = generate(model, ids, batch_size=args.batch_size, **common)
     completions = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
     if args.output:
         _write_jsonl(args.output, [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)])

@@ -1,6 +1,7 @@
 """`jaxrl pipeline`: SFT -> reward model -> PPO, each step's output feeding the next (DeepSpeed-Chat's
-e2e_rlhf.py), resumable at any point; writes OUTPUT/summary.json. With `algorithm=dpo`, SFT -> DPO on the
-preference pairs (no reward model: step 2 is not run).
+e2e_rlhf.py), resumable at any point; writes OUTPUT/summary.json and, beside it, the one-page
+OUTPUT/summary.png (`jaxrl.train.summary_plot`). With `algorithm=dpo`, SFT -> DPO on the preference
+pairs (no reward model: step 2 is not run).
 
 Layout: OUTPUT/step1_sft, OUTPUT/step2_reward, OUTPUT/step3_<algorithm> (each a normal run directory with
 its hf/ export), OUTPUT/data (the synthetic dataset, when used). A finished step leaves `done.json` and is
@@ -105,7 +106,22 @@ def run_pipeline(cfg, steps=(1, 2, 3)) -> dict:
         _require(sft_hf, "step 1 (SFT)")
         summary[cfg.algorithm] = _step3(cfg, shared + [f"model.path={sft_hf}"], dirs[3], sft_hf, reward_hf)
         _write(out, summary)
+    _plot(out, summary, dirs, cfg.algorithm)
     return summary
+
+
+def _plot(out: str, summary: dict, dirs: dict[int, str], algorithm: str) -> None:
+    """OUTPUT/summary.png from summary.json and the metrics of the steps whose directories hold them."""
+    import jax
+
+    from jaxrl.train.metrics import METRICS_FILE, read_metrics
+    from jaxrl.train.summary_plot import write_summary_png
+
+    if jax.process_index() != 0:
+        return
+    names = {1: "sft", 2: "reward", 3: algorithm}
+    runs = {names[i]: read_metrics(d) for i, d in dirs.items() if os.path.exists(os.path.join(d, METRICS_FILE))}
+    write_summary_png(os.path.join(out, "summary.png"), summary, runs, algorithm)
 
 
 def _step3(cfg, shared: list[str], directory: str, sft_hf: str, reward_hf: str) -> dict:

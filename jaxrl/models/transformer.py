@@ -227,9 +227,14 @@ class Attention(nnx.Module):
         if cache is not None:
             # Written in place into the carried stack (no per-layer copy of the cache), then this
             # layer's (B, S, K, H) slice is read back for attention.
-            start = (layer, 0, cache_index, 0, 0)
-            cache = {name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype), start)
-                     for name, new in (("k", key), ("v", value))}
+            if jnp.ndim(cache_index) == 0:
+                start = (layer, 0, cache_index, 0, 0)
+                cache = {name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype), start)
+                         for name, new in (("k", key), ("v", value))}
+            else:  # per-row offsets (the slot engine): row b writes slots [cache_index[b], cache_index[b] + T)
+                rows, cols = jnp.arange(b)[:, None], cache_index[:, None] + jnp.arange(t)  # (B, 1), (B, T)
+                cache = {name: cache[name].at[layer, rows, cols].set(new.astype(cache[name].dtype), mode="drop")
+                         for name, new in (("k", key), ("v", value))}
             key, value = cache["k"][layer], cache["v"][layer]
         dtype = q.dtype
         if dtype == jnp.float16 and jax.default_backend() == "cpu":
@@ -364,6 +369,8 @@ class Transformer(nnx.Module):
             so left-padded rows start at position 0.
           cache: {'k', 'v'} stacked per layer, (L, B, S, K, H); this call writes slots
             [cache_index, cache_index + T) and attends to every slot <= its own.
+          cache_index: a scalar (every row at the same offset), or (B,) int32 per-row offsets (the slot
+            engine, whose slots are at different points of their sequences).
           kv_mask: (B, S) which cache slots hold real tokens (including those written now).
           segment_ids: (B, T) packed rows: tokens attend only within their own segment (no cache).
         Returns:
@@ -374,19 +381,21 @@ class Transformer(nnx.Module):
             attention_mask = jnp.ones((b, t), jnp.int32)
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
-        q_slot = cache_index + jnp.arange(t)
+        per_row = jnp.ndim(cache_index) == 1
+        q_slot = (cache_index[:, None] if per_row else cache_index) + jnp.arange(t)  # (B, T) or (T,)
         if cache is None:
             kv_mask, k_slot = attention_mask, jnp.arange(t)
         else:
             k_slot = jnp.arange(cache["k"].shape[2])
-        causal = k_slot[None, :] <= q_slot[:, None]  # (T, S) causal by slot
-        mask = causal[None, None] & kv_mask.astype(bool)[:, None, None, :]  # (B, 1, T, S)
+        causal = k_slot <= q_slot[..., None]  # (T, S) or (B, T, S): causal by slot
+        rows = (lambda m: m[:, None]) if per_row else (lambda m: m[None, None])  # -> (B or 1, 1, T, S)
+        mask = rows(causal) & kv_mask.astype(bool)[:, None, None, :]  # (B, 1, T, S)
         if segment_ids is not None:
             mask &= (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
         # Slots of a row's real tokens are consecutive (left padding, then the generated tokens), so a
         # distance in slots is a distance in positions.
         window = self.config.sliding_window
-        local = mask & (q_slot[:, None] - k_slot[None, :] < window)[None, None] if window else None
+        local = mask & rows(q_slot[..., None] - k_slot < window) if window else None
 
         x = self._embed_tokens(input_ids).astype(self.dtype)
         if self.config.scale_embeddings:  # HF rounds sqrt(D) to the compute dtype first (55.4 -> 55.5 in bf16)

@@ -208,8 +208,9 @@ class GRPO:
         # The rollout's rows are every process's rows in process order, so are the fields.
         rows = [row for row in gather_rows(batch_rows(prompts)) for _ in range(group)]
         t0 = time.perf_counter()
+        engine = ppo.slot_engine(self.cfg, len(repeated["input_ids"]))  # a group's rows share their prefill
         batch = ppo.rollout(self.roles.hybrid, actor_state, repeated, rng, sampler or self.sampler,
-                            self.train_sharding)
+                            self.train_sharding, engine, group=group)
         t1 = time.perf_counter()
         scores, metrics = self.reward(batch, rows)
         times["time/generation"] = times.get("time/generation", 0.0) + t1 - t0
@@ -369,9 +370,10 @@ def check_row_fields(cfg: RunConfig, rewards: RewardRunner, prompts: dict, eval_
         rewards.check_fields(names(eval_prompts), source)
 
 
-def run(cfg: RunConfig) -> dict:
-    """`jaxrl rl` with a GRPO-family algorithm: trains the actor; writes OUTPUT/hf."""
-    mesh = build.training_mesh(cfg)
+def run(cfg: RunConfig, mesh=None) -> dict:
+    """`jaxrl rl` with a GRPO-family algorithm: trains the actor; writes OUTPUT/hf and returns the last
+    eval metrics. `mesh`: the training mesh (default: from mesh.*)."""
+    mesh = mesh or build.training_mesh(cfg)
     tok = build.load_tokenizer(cfg.model.path)
     prompts, eval_prompts, _ = ppo.load_prompts(cfg, tok)
     rewards = RewardRunner(cfg.reward) if cfg.reward.functions else None

@@ -154,7 +154,9 @@ def generation_memory(cfg: RunConfig, actor: Role, actor_trainer, mesh) -> list[
     rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=NamedSharding(gen, P()))
     static = dict(cfg=sampler, batch_sharding=hybrid.batch_sharding)
     with jax.set_mesh(gen):
-        lowered = prefill.lower(graphdef, params, prompts, prompts, rng, **static)
+        # the GRPO family's rollout shares each group's prompt prefill (`generation.prefill`'s group)
+        group = cfg.grpo.group_size if cfg.algorithm not in ("ppo", "dpo") else 1
+        lowered = prefill.lower(graphdef, params, prompts, prompts, rng, group=group, **static)
         first = compile_for_memory(lowered)
         state = jax.tree.map(lambda info, s: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=s),
                              lowered.out_info, first.output_shardings)

@@ -25,6 +25,7 @@ from jaxrl.data.dataset import load_records
 from jaxrl.data.tokenize import tokenize_prompts, tokenize_sft
 from jaxrl.errors import JaxrlError
 from jaxrl.generation import SamplerConfig, generate_batch
+from jaxrl.rollout_engine import EngineConfig, generate_padded
 from jaxrl.models.hf import save_pretrained
 from jaxrl.models.transformer import Transformer, shard_activations
 from jaxrl.parallel.mesh import settle, to_host
@@ -179,9 +180,25 @@ def controller(kl_coef: float, score_moments) -> ppo.Controller:
     return ppo.Controller(kl_coef=np.float32(kl_coef), score_moments=tuple(np.float32(x) for x in score_moments))
 
 
-def rollout(hybrid: HybridEngine, actor_state, prompts: dict, rng, sampler: SamplerConfig, train_sharding) -> dict:
+def slot_engine(cfg: RunConfig, rows: int) -> EngineConfig | None:
+    """The slot engine's config when `generation.engine` is 'slots' (`generation.slots`, 0: all `rows` of a
+    rollout batch); None for the static sampler."""
+    g = cfg.generation
+    if g.engine != "slots":
+        return None
+    if jax.process_count() > 1:
+        raise JaxrlError("generation.engine=slots runs on one process (its host loop reads every slot); use "
+                         "generation.engine=static for multi-process runs")
+    return EngineConfig(slots=g.slots or rows)
+
+
+def rollout(hybrid: HybridEngine, actor_state, prompts: dict, rng, sampler: SamplerConfig, train_sharding,
+            engine: EngineConfig | None = None, *, group: int = 1) -> dict:
     """One rollout batch: generated on the generation mesh from a fresh generation copy of the actor (then
-    dropped), moved device to device onto the training mesh.
+    dropped), moved device to device onto the training mesh; by the slot engine when `engine` is given
+    (`slot_engine`), else by the static sampler. `group` G > 1: the rows are groups of G consecutive
+    copies of a prompt, each group sharing one prefill (the static sampler's `generation.prefill`; the
+    slot engine shares the prefill of identical prompts it refills together by itself).
 
     Returns `seq`, `attention_mask` (B, P + R) int32 (prompt + response), `response_mask` (B, R) int32 and
     `sampler_logprobs` (B, R) fp32 (the sampler's log pi of each generated token under the raw logits,
@@ -190,8 +207,12 @@ def rollout(hybrid: HybridEngine, actor_state, prompts: dict, rng, sampler: Samp
     with jax.set_mesh(hybrid.mesh):
         gen = build.to_device({k: prompts[k] for k in ("input_ids", "attention_mask")}, hybrid.batch_sharding)
         model = hybrid.generation_copy(actor_state.params, actor_state.frozen)
-        out = generate_batch(model, gen["input_ids"], gen["attention_mask"], sampler, rng,
-                             batch_sharding=hybrid.batch_sharding)
+        if engine is None:
+            out = generate_batch(model, gen["input_ids"], gen["attention_mask"], sampler, rng,
+                                 batch_sharding=hybrid.batch_sharding, group=group)
+        else:
+            out = generate_padded(model, prompts["input_ids"], prompts["attention_mask"], sampler, rng,
+                                  engine=engine, batch_sharding=hybrid.batch_sharding)
         del model  # the generation copy's memory goes back to training
     batch = {
         "seq": jnp.concatenate([gen["input_ids"], out["tokens"]], axis=1),
@@ -217,6 +238,7 @@ class PPO:
         self.ptx = build.iterator(ptx, mb, numpy_seed(cfg.seed, "ptx")) if ptx is not None else None
         self.control = controller(p.kl_coef, (0.0, 0.0, 0.0))
         self.sampler = sampler(cfg, roles.arch, roles.tokenizer)
+        self.engine = slot_engine(cfg, self.rows)
         self.train_sharding = roles.actor.batch_sharding
         self._experience = jax.jit(self._experience_fn)
         self._take = jax.jit(lambda batch, idx: jax.tree.map(lambda x: x[idx], batch),
@@ -277,7 +299,8 @@ class PPO:
 
     def rollout(self, actor_state, prompts: dict, rng, *, sampler: SamplerConfig | None = None) -> ppo.Rollout:
         """Generates on the generation mesh from a fresh generation copy of the actor, then drops it."""
-        batch = rollout(self.roles.hybrid, actor_state, prompts, rng, sampler or self.sampler, self.train_sharding)
+        batch = rollout(self.roles.hybrid, actor_state, prompts, rng, sampler or self.sampler, self.train_sharding,
+                        self.engine)
         # PPO's old log-probs come from the training forward, not from the sampler's.
         return ppo.Rollout(seq=batch["seq"], attention_mask=batch["attention_mask"],
                            response_mask=batch["response_mask"])
