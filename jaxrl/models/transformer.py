@@ -451,7 +451,7 @@ class Transformer(nnx.Module):
             h, layer_cache = carry
             params, layer, this = xs
             if gather is not None:
-                params = gather(params)  # as bits where 16-bit: XLA:CPU has no bf16 all-gather either
+                params = gather(params, layer)  # as bits where 16-bit: XLA:CPU has no bf16 all-gather either
             params = jax.tree.map(_from_bits, params, dtypes)
             mask = full if local is None else jnp.where(this["sliding"], local, full)
             h, layer_cache = nnx.merge(graphdef, params)(h, positions, mask, layer_cache, cache_index, layer,
@@ -586,10 +586,10 @@ class Gathers:
     field means the parameter is used as it is (whole, or left to GSPMD).
     """
 
-    # one layer's parameters (the pure dict of `nnx.state(transformer.layers)` without the layer axis)
-    # -> whole, applied inside the scan body: the forward gathers one layer at a time, the backward
-    # gathers it again, and the gather's transpose reduce-scatters that layer's gradient there.
-    layer: Callable[[dict], dict] | None = None
+    # (one layer's parameters: the pure dict of `nnx.state(transformer.layers)` without the layer axis,
+    # the layer's index) -> whole, applied inside the scan body: the forward gathers one layer at a time,
+    # the backward gathers it again, and the gather's transpose reduce-scatters that layer's gradient there.
+    layer: Callable[[dict, jax.Array], dict] | None = None
     # ('embed' | 'lm_head', a vocabulary slice of that table as the device holds it) -> the whole slice.
     table: Callable[[str, jax.Array], jax.Array] | None = None
     # (the device's shard of the embedding table, (B, T) ids) -> (B, T, E): the tokens' embeddings.

@@ -27,6 +27,7 @@ spec trees say which parameters are partitioned (gathered before use) and which 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -237,17 +238,26 @@ def _local_grads(states: StateLayout, loss_fn: LossFn, params, frozen, batch, sc
     rows = jax.tree.leaves(batch)[0].shape[0]
     specs = states.specs
 
+    scattered = _scattered_in_scan(states, params)
+    whole = {path: (params_at(params, path), d) for path, d in scattered.items()}  # stage 2: replicated stacks
+
     def objective(p):
         model = nnx.merge(states.graphdef, _gather(states, p, specs["param"]),
                           _gather(states, frozen, specs["frozen"]))
-        set_gathers(model, functools.partial(_gathers, states))
+        set_gathers(model, functools.partial(_gathers, states, whole=whole))
         loss, metrics = loss_fn(model, batch)
         weight = jax.lax.stop_gradient(jnp.asarray(metrics.get("weight", rows), jnp.float32))
         return loss * weight * scale, (loss, metrics, weight)
 
-    grads, (loss, metrics, weight) = jax.grad(objective, has_aux=True)(params)
+    # Stage 2's stacked layers are differentiated as this device's shard of each (`_whole_of` hands the
+    # layer its replicated weights and reduce-scatters that layer's gradient in the backward scan).
+    n = math.prod(states.mesh.shape[a] for a in DATA_AXES)
+    shards = _map_at(params, scattered, lambda x, d: _own_shard(x, d, n))
+    grads, (loss, metrics, weight) = jax.grad(objective, has_aux=True)(shards)
     total = jax.lax.psum(weight, DATA_AXES)
-    grads = jax.tree.map(_reduce, grads, specs["param"], specs["grad"], is_leaf=_is_spec)
+    done = _map_at(jax.tree.map(lambda _: False, params), scattered, lambda x, d: True)
+    grads = jax.tree.map(lambda g, ps, gs, ok: g if ok else _reduce(g, ps, gs), grads, specs["param"],
+                         specs["grad"], done, is_leaf=_is_spec)
     grads = jax.tree.map(lambda g: g / total, grads)
     out = {k: jax.lax.psum(v * weight, DATA_AXES) / total for k, v in metrics.items() if k != "weight"}
     out["loss"] = jax.lax.psum(loss * weight, DATA_AXES) / total
@@ -277,18 +287,91 @@ def _is_deferred(states: StateLayout, path) -> bool:
     return any(keys[:len(prefix)] == prefix for prefix in states.deferred)
 
 
-def _gathers(states: StateLayout, path) -> Gathers:
-    """How the Transformer at `path` fetches the parameters the step left sharded (ZeRO-3); a field is
-    None when there is nothing of that kind to gather."""
+def _gathers(states: StateLayout, path, *, whole: dict) -> Gathers:
+    """How the Transformer at `path` fetches the parameters the step left sharded (ZeRO-3), and, under
+    stage 2, the replicated layers for the shards differentiated in their place (`whole`: stacked-leaf
+    path -> (full stack, scatter dim)); a field is None when there is nothing of that kind to fetch."""
     specs, dims = states.layer_specs[path], states.table_dims[path]
     partitioned = any(zero_dim(s) is not None for s in jax.tree.leaves(specs, is_leaf=_is_spec))
+    mine = {leaf[len(path) + 1:]: v for leaf, v in whole.items() if leaf[:len(path) + 1] == (*path, "layers")}
 
     def table(name, x):
         return jax.lax.all_gather(x, DATA_AXES, axis=dims[name], tiled=True) if name in dims else x
 
-    return Gathers(layer=(lambda params: _gather(states, params, _pick(specs, params), whole=True))
-                   if partitioned else None,
+    def layer(params, index):
+        if partitioned:
+            params = _gather(states, params, _pick(specs, params), whole=True)
+        return _map_at(params, mine, lambda shard, spec: _whole_of(shard, spec[0][index], spec[1] - 1))  # no layer axis
+
+    return Gathers(layer=layer if partitioned or mine else None,
                    table=table if dims else None, lookup=lookup_in_shards if "embed" in dims else None)
+
+
+def _scattered_in_scan(states: StateLayout, params) -> dict:
+    """Stage 2's trained stacked layer leaves: {path: the dimension their gradient is scattered on} for
+    each leaf under a Transformer's `layers` whose parameter is whole and whose gradient is partitioned."""
+    out = {}
+    flat = jax.tree_util.tree_flatten_with_path(states.specs["param"], is_leaf=_is_spec)[0]
+    grads = jax.tree.leaves(states.specs["grad"], is_leaf=_is_spec)
+    for (key_path, spec), grad_spec in zip(flat, grads):
+        keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in key_path)
+        d = zero_dim(grad_spec)
+        under_layers = any(keys[:len(prefix)] == prefix and prefix[-1] == "layers" for prefix in states.deferred)
+        if under_layers and zero_dim(spec) is None and d is not None:
+            out[keys] = d
+    return out
+
+
+def params_at(tree: dict, path: tuple):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _map_at(tree: dict, where: dict, fn) -> dict:
+    """`tree` (nested dicts) with the leaf at each path of `where` (present in `tree`) replaced by
+    fn(leaf, where[path]); the rest shared."""
+    if not where:
+        return tree
+    out = dict(tree)
+    for path, value in where.items():
+        node, parents = out, []
+        try:
+            for key in path[:-1]:
+                parents.append(node)
+                node[key] = dict(node[key])
+                node = node[key]
+            node[path[-1]] = fn(node[path[-1]], value)
+        except KeyError:  # not in this tree (a frozen leaf, or another model's)
+            continue
+    return out
+
+
+def _own_shard(x, d: int, n: int):
+    """This device's tile of a replicated `x` along dimension d (of n over the data axes), in
+    `psum_scatter(..., tiled=True)`'s order."""
+    size = x.shape[d] // n
+    return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(DATA_AXES) * size, size, axis=d)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _whole_of(shard, whole, d: int):
+    """`whole` (a replicated layer), as the value of `shard` (this device's tile of it along d): the
+    forward uses the replicated weights as they are (no communication), and the backward reduce-scatters
+    the layer's gradient onto the shard, inside the backward scan: stage 2 never holds a full-size
+    gradient of the stacked layers."""
+    return whole
+
+
+def _whole_of_fwd(shard, whole, d):
+    return whole, None
+
+
+def _whole_of_bwd(d, _, ct):
+    return jax.lax.psum_scatter(ct, DATA_AXES, scatter_dimension=d, tiled=True), jnp.zeros_like(ct)
+
+
+_whole_of.defvjp(_whole_of_fwd, _whole_of_bwd)
 
 
 def lookup_in_shards(table, ids):
