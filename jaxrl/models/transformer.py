@@ -52,6 +52,18 @@ def _param(rngs, shape, spec: P, *, init="normal", layers=0, dtype=jnp.float32) 
     return nnx.Param(value, out_sharding=fit_spec(spec, shape, mesh))
 
 
+def matmul(x, w, *, rows: bool = False):
+    """(..., I) @ (I, O) -> (..., O) (with `rows`, w is (O, I): x @ w.T), as one 2-D dot over the
+    flattened leading axes.
+
+    Written as `'...i,io->...o'` on a (B, T, I) input, the weight's gradient contracts two axes (B, T),
+    and XLA:CPU then transposes the output gradient in a slow elementwise loop before the dot (about a
+    third of the MLP's backward time at (8 x 256, 512) x (512, 1408)); the flat (B T, I) form does not.
+    """
+    y = jnp.einsum("MI,OI->MO" if rows else "MI,IO->MO", x.reshape(-1, x.shape[-1]), w)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 class Dense(nnx.Module):
     """y = x @ kernel (+ bias), kernel [in, out]; an optional LoRA branch adds (alpha/r) * x @ A @ B."""
 
@@ -63,7 +75,7 @@ class Dense(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):  # x (..., in) -> (..., out)
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:
@@ -370,10 +382,10 @@ class Transformer(nnx.Module):
         if self.lm_head is not None:
             w = jax.lax.dynamic_slice_in_dim(self.lm_head.kernel[...], start, size, axis=1)  # (E, size)
             w = self._gathered("lm_head", w)
-            return jnp.einsum("...e,ev->...v", hidden.astype(self.dtype), w.astype(self.dtype)).astype(jnp.float32)
+            return matmul(hidden.astype(self.dtype), w.astype(self.dtype)).astype(jnp.float32)
         w = jax.lax.dynamic_slice_in_dim(self.embed.embedding[...], start, size, axis=0)  # (size, E)
         w = self._gathered("embed", w)
-        return jnp.einsum("...e,ve->...v", hidden.astype(self.dtype), w.astype(self.dtype)).astype(jnp.float32)
+        return matmul(hidden.astype(self.dtype), w.astype(self.dtype), rows=True).astype(jnp.float32)
 
     def _gathered(self, name, table_slice):
         if self.gathers.table is None:
