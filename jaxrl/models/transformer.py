@@ -158,7 +158,8 @@ class Attention(nnx.Module):
         """x (B, T, D); mask (B, 1, T, S) bool; cache {'k','v'}: the stacked (L, B, S, K, H) cache, this
         block's keys and values written into layer `layer` at slots [cache_index, cache_index + T)."""
         n, k, h = self.shape
-        b, t, _ = x.shape
+        b, t, d = x.shape
+        x = x.reshape(b * t, d)  # once for all three projections: the backward then saves one copy of x
         q = self.q(x).reshape(b, t, n, h)
         key = self.k(x).reshape(b, t, k, h)
         value = self.v(x).reshape(b, t, k, h)
@@ -191,9 +192,20 @@ class MLP(nnx.Module):
         self.act = _ACTIVATIONS[cfg.activation]
 
     def __call__(self, x):  # (B, T, D)
+        b, t, d = x.shape
+        x = x.reshape(b * t, d)  # once for both projections: the backward then saves one copy of x
         if self.gate is not None:
-            return self.down(self.act(self.gate(x)) * self.up(x))
-        return self.down(self.act(self.up(x)))
+            # Recomputed in the backward pass from the two projections (an elementwise pass), rather
+            # than saving the activation's own intermediates: three (B T, F) arrays fewer to store per
+            # layer, which in a scan are each written into and read back from a stacked buffer.
+            y = jax.checkpoint(_gated, static_argnums=0, prevent_cse=False)(self.act, self.gate(x), self.up(x))
+        else:
+            y = self.act(self.up(x))
+        return self.down(y).reshape(b, t, d)
+
+
+def _gated(act, gate, up):  # (M, F), (M, F) -> (M, F)
+    return act(gate) * up
 
 
 _ACTIVATIONS = {
