@@ -57,8 +57,8 @@ def matmul(x, w, *, rows: bool = False):
     flattened leading axes.
 
     Written as `'...i,io->...o'` on a (B, T, I) input, the weight's gradient contracts two axes (B, T),
-    and XLA:CPU then transposes the output gradient in a slow elementwise loop before the dot (about a
-    third of the MLP's backward time at (8 x 256, 512) x (512, 1408)); the flat (B T, I) form does not.
+    and XLA:CPU then transposes the output gradient in a slow elementwise loop before the dot; the flat
+    (B T, I) form does not (a gated MLP's forward + backward at 8 x 256 x 512 -> 1408: 264 -> 176 ms).
     """
     y = jnp.einsum("MI,OI->MO" if rows else "MI,IO->MO", x.reshape(-1, x.shape[-1]), w)
     return y.reshape(*x.shape[:-1], y.shape[-1])
