@@ -276,6 +276,8 @@ class PPO:
         for g in range(p.generation_batches):
             t0 = time.perf_counter()
             batch = self.rollout(state["actor"], next(self.prompts), rng_stream(self.cfg.seed, "rollout", step, g))
+            # Waited for here (dispatch is asynchronous), or the scoring time would include the generation's.
+            jax.block_until_ready(batch)
             t1 = time.perf_counter()
             exp, control, m = self.score(state, batch, self.control)
             self.control, m = jax.device_get((control, m))  # the next batch reads this controller
