@@ -187,3 +187,33 @@ def test_no_recompilation_across_rollout_batches(case):
     first, second = case["traces"]
     assert first["_to_generation"] == 1 and first["prefill"] == first["decode"] == 1  # the reshard, the sampler
     assert not second, second  # the second rollout batch compiles nothing
+
+
+def _reshard_temporaries(layers: int) -> tuple[int, int]:
+    """(the reshard's compiled temporaries, the bf16 copy's layer bytes per device) for a ZeRO-3 actor
+    (fsdp 8) of `layers` 256-wide layers resharded onto data 2 x tensor 4."""
+    cfg = CFG.replace(num_layers=layers, hidden_size=256, intermediate_size=1024, head_dim=64)
+    make = lambda sh: Transformer(cfg, rngs=nnx.Rngs(0), shardings=sh)  # noqa: E731
+    mesh = make_mesh(1, 8, 1)
+    with jax.set_mesh(mesh):
+        model = nnx.eval_shape(lambda: make(model_shardings(shard_params=True, tensor=False)))
+    trainer = Trainer(model, make_optimizer(OptimConfig(lr=1e-2), 10), lm_loss, mesh=mesh,
+                      layout=zero_layout(make, mesh, 3))
+    gen_mesh = generation_mesh(2, 4)
+    hybrid = HybridEngine(trainer.graphdef, lambda sh: Transformer(cfg, rngs=nnx.Rngs(0), shardings=sh,
+                                                                   dtype=jnp.bfloat16), gen_mesh, jnp.bfloat16)
+    state = trainer.abstract_state()
+    with jax.set_mesh(gen_mesh):
+        compiled = hybrid.lower(state.params, state.frozen).compile()
+    _, copy = hybrid.abstract_copy()
+    per_device = sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(copy["layers"]))
+    return compiled.memory_analysis().temp_size_in_bytes, per_device
+
+
+def test_reshard_makes_the_copy_one_layer_at_a_time():
+    """The reshard's temporaries do not grow with depth: they hold one layer in flight (measured 4.47 MB
+    at 2 and at 8 layers); resharding the whole model in one program grew them by 0.95x the copy's added
+    layer bytes (0.92 -> 3.72 MB)."""
+    temp2, bytes2 = _reshard_temporaries(2)
+    temp8, bytes8 = _reshard_temporaries(8)
+    assert temp8 - temp2 < 0.25 * (bytes8 - bytes2), (temp2, temp8, bytes2, bytes8)
