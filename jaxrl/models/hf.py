@@ -57,25 +57,11 @@ _LLAMA = [
     ("model.layers.{i}.mlp.down_proj.bias", "layers.{i}.mlp.down.bias", None),
     ("model.norm.weight", "final_norm.scale", None),
 ]
-# Gemma 2: four norms per block, all zero-centred (see Norm's offset); embeddings always tied.
-_GEMMA2 = [
-    ("model.embed_tokens.weight", "embed.embedding", None),
-    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.scale", None),
-    ("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attn.q.kernel", "T"),
-    ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attn.k.kernel", "T"),
-    ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attn.v.kernel", "T"),
-    ("model.layers.{i}.self_attn.q_proj.bias", "layers.{i}.attn.q.bias", None),
-    ("model.layers.{i}.self_attn.k_proj.bias", "layers.{i}.attn.k.bias", None),
-    ("model.layers.{i}.self_attn.v_proj.bias", "layers.{i}.attn.v.bias", None),
-    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attn.o.kernel", "T"),
-    ("model.layers.{i}.self_attn.o_proj.bias", "layers.{i}.attn.o.bias", None),
+# Gemma 2: Llama's projections, four norms per block, all zero-centred (see Norm's offset); embeddings tied.
+_GEMMA2 = [row for row in _LLAMA if ".post_attention_layernorm." not in row[0]] + [
     ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.attn_post_norm.scale", None),
     ("model.layers.{i}.pre_feedforward_layernorm.weight", "layers.{i}.mlp_norm.scale", None),
-    ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate.kernel", "T"),
-    ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.up.kernel", "T"),
-    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down.kernel", "T"),
     ("model.layers.{i}.post_feedforward_layernorm.weight", "layers.{i}.mlp_post_norm.scale", None),
-    ("model.norm.weight", "final_norm.scale", None),
 ]
 # Gemma 3 (text): Gemma 2's plus RMSNorm over each head's queries and keys.
 _GEMMA3 = _GEMMA2 + [
