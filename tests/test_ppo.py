@@ -277,7 +277,8 @@ def _abstract_bytes(tree):
 
 def test_frozen_roles_are_stored_in_the_compute_dtype(root):
     """bf16 compute under ZeRO-3 over 8 devices: the reference and reward models hold bf16 weights (half the
-    per-device bytes of the fp32 actor and critic masters, same architectures); ppo.frozen_dtype=fp32 keeps fp32."""
+    per-device bytes of the fp32 actor and critic masters, same architectures; their stacked layers as the
+    bf16 values' uint16 bits); ppo.frozen_dtype=fp32 keeps fp32."""
     mesh = make_mesh(1, 8, 1)
     common = ["precision.compute=bf16", "mesh.fsdp=8", "zero_stage=3", "generation.mesh.data=-1"]
     for frozen_dtype, want in (("compute", np.dtype("bfloat16")), ("fp32", np.dtype("float32"))):
@@ -285,7 +286,11 @@ def test_frozen_roles_are_stored_in_the_compute_dtype(root):
         actor, critic = roles.actor.abstract_state().params, roles.critic.abstract_state().params
         assert {x.dtype for x in jax.tree.leaves(actor) + jax.tree.leaves(critic)} == {np.dtype("float32")}
         ref, reward = roles.ref[1], roles.reward[1]
-        assert {x.dtype for x in jax.tree.leaves(ref) + jax.tree.leaves(reward)} == {want}
+        # bf16: the stacked layers as their uint16 bits (`pack_layers`: what the scan carries), the rest bf16
+        stored = {want, np.dtype("uint16")} if want.itemsize == 2 else {want}
+        assert {x.dtype for x in jax.tree.leaves(ref) + jax.tree.leaves(reward)} == stored
+        assert {x.dtype for x in jax.tree.leaves(ref["layers"])} == ({np.dtype("uint16")} if want.itemsize == 2
+                                                                      else {want})
         ratio = want.itemsize / 4
         sizes = {name: _per_device_bytes(tree) for name, tree in (("reference", ref), ("reward", reward))}
         print(f"ppo.frozen_dtype={frozen_dtype}: per-device bytes {sizes}")
