@@ -100,4 +100,17 @@ def torch_logits(model, ids, mask):
         return model(**kwargs).logits.float().numpy()
 
 
+def jaxrl_logits(model, ids, mask):
+    """jaxrl's logits of a numpy batch, as numpy."""
+    import jax.numpy as jnp
+
+    return np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+
+
+def rel_diff(out, ref, mask) -> float:
+    """max |out - ref| / max |ref| over the real tokens."""
+    m = mask.astype(bool)
+    return float(np.abs(out - ref)[m].max() / np.abs(ref[m]).max())
+
+
 FAMILIES = ("llama", "mistral", "qwen2", "opt", "gpt2")

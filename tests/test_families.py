@@ -13,10 +13,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import hf_fixtures as fx
-from test_generation import N, _hf_greedy, _prompts, _until_eos
-from test_models import _rel_diff
+from test_generation import assert_greedy_matches_transformers
 from jaxrl import cli
-from jaxrl import generation as gen
 from jaxrl.errors import JaxrlError
 from jaxrl.models.hf import load_pretrained, save_pretrained
 from jaxrl.models.transformer import Transformer
@@ -75,8 +73,8 @@ def hf_models(tmp_path_factory):
     return out
 
 
-def _logits(model, ids, mask):
-    return np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+_logits = fx.jaxrl_logits
+_rel_diff = fx.rel_diff
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -148,13 +146,7 @@ def test_export_reloads_in_transformers(hf_models, name, tmp_path):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_greedy_generation_matches_transformers(hf_models, name):
     _, torch_model, model = hf_models[name]
-    ids, mask = fx.padded_batch()
-    free = _hf_greedy(torch_model, ids, mask, (3,))
-    eos_ids = (3, int(free[1, 2]))  # a token the model really emits, so at least row 1 stops early
-    ref = _hf_greedy(torch_model, ids, mask, eos_ids)
-    out = gen.generate(model, _prompts(ids, mask), max_new_tokens=N, eos_ids=eos_ids)
-    assert out == [_until_eos(r, eos_ids) for r in ref]
-    assert len(out[1]) <= 3 and out[1][-1] in eos_ids
+    assert_greedy_matches_transformers(torch_model, model)
 
 
 @pytest.mark.parametrize("name", ["qwen3", "phi3"])

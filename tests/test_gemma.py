@@ -22,7 +22,6 @@ from jaxrl import generation as gen
 from jaxrl.errors import JaxrlError
 from jaxrl.models.hf import config_from_hf, load_pretrained, save_pretrained
 from jaxrl.parallel.sharding import model_shardings
-from test_models import _rel_diff
 
 WINDOW = 4
 _BASE = dict(vocab_size=fx.VOCAB, pad_token_id=0, bos_token_id=2, eos_token_id=3, hidden_size=64,
@@ -84,8 +83,8 @@ def models(tmp_path_factory):
     return out
 
 
-def _logits(model, ids, mask):
-    return np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+_logits = fx.jaxrl_logits
+_rel_diff = fx.rel_diff
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
