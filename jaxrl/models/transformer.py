@@ -552,7 +552,7 @@ def _as_bits(x):
     """
     if x.dtype.itemsize != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
         return x
-    return jax.lax.bitcast_convert_type(x, jnp.uint16)
+    return to_bits(x)
 
 
 @_as_bits.defjvp

@@ -99,11 +99,23 @@ def spec_tree(abstract_state):
     return jax.tree.map(spec, nnx.to_pure_dict(abstract_state))
 
 
+def path_keys(path) -> tuple:
+    """A jax key path (DictKey, SequenceKey, ... entries) as the plain keys of the nested dicts."""
+    return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+
+
+def subtree(tree, keys: tuple):
+    """The node of nested dicts `tree` at `keys`."""
+    for key in keys:
+        tree = tree[key]
+    return tree
+
+
 def is_stacked(path) -> bool:
     """Whether a parameter at `path` (a key tuple, e.g. ('layers', 'attn', 'q', 'kernel')) is a scanned
     stack: under a 'layers' key followed by a name (a Python list of blocks would have an index there).
     Its dimension 0 is then the layer axis."""
-    keys = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
+    keys = path_keys(path)
     return any(k == "layers" and i + 1 < len(keys) and isinstance(keys[i + 1], str) for i, k in enumerate(keys))
 
 

@@ -20,17 +20,7 @@ from jax.sharding import PartitionSpec as P
 from jaxrl.models.lora import merge_lora, without_lora
 from jaxrl.models.transformer import Transformer, pack_layers, store_params, to_bits
 from jaxrl.parallel.mesh import make_mesh, settle
-from jaxrl.parallel.sharding import DATA_AXES, model_shardings, spec_tree
-
-
-def _transformers(model):
-    return [(tuple(path), m) for path, m in nnx.iter_graph(model) if isinstance(m, Transformer)]
-
-
-def _subtree(tree: dict, path: tuple) -> dict:
-    for key in path:
-        tree = tree[key]
-    return tree
+from jaxrl.parallel.sharding import DATA_AXES, model_shardings, spec_tree, subtree
 
 
 def generation_mesh(data: int, tensor: int, devices=None):
@@ -66,13 +56,13 @@ class HybridEngine:
 
     def _to_generation(self, params, frozen):
         model = nnx.merge(self.graphdef, params, frozen)
-        stacks = {path: self._layers_to_generation(module.layers, path)
-                  for path, module in _transformers(model)}
-        for _, module in _transformers(model):  # their layers are done; what is left is small
-            without_lora(module.layers)
+        stacks = {}
+        for path, module in [(tuple(p), m) for p, m in nnx.iter_graph(model) if isinstance(m, Transformer)]:
+            stacks[path] = self._layers_to_generation(module.layers, path)
+            without_lora(module.layers)  # its layers are done; what is left of the model is small
         state = jax.tree.map(self._cast, nnx.to_pure_dict(nnx.state(merge_lora(model))), self._abstract)
         for path, stack in stacks.items():
-            _subtree(state, path)["layers"] = stack
+            subtree(state, path)["layers"] = stack
         return state
 
     def _layers_to_generation(self, layers: nnx.Module, path: tuple):
@@ -81,9 +71,9 @@ class HybridEngine:
         step holds the copy plus one layer in flight, never a second whole stack in the training layout's
         shape or dtype."""
         graphdef, stacked = nnx.split(layers)
-        like = _subtree(self._abstract, path)["layers"]
+        like = subtree(self._abstract, path)["layers"]
         shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, P(*s.spec[1:])),
-                                 _subtree(self.shardings, path)["layers"])
+                                 subtree(self.shardings, path)["layers"])
 
         def one(_, layer):
             block = merge_lora(nnx.merge(graphdef, layer))

@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 from jaxrl.models.transformer import Gathers, Transformer, set_gathers, shard_activations
 from jaxrl.parallel.mesh import settle
 from jaxrl.optim import window_grads
-from jaxrl.parallel.sharding import DATA_AXES, Layout, layer_spec, manual_spec, zero_dim
+from jaxrl.parallel.sharding import DATA_AXES, Layout, layer_spec, manual_spec, path_keys, subtree, zero_dim
 from jaxrl.precision import loss_scale_of, skipped_steps_of
 
 LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, dict]]
@@ -62,10 +62,7 @@ def _pick(spec_tree: dict, like: dict) -> dict:
     """The specs of `spec_tree` at the leaf paths of `like` (a sub-tree of the same model)."""
 
     def lookup(path, _):
-        node = spec_tree
-        for key in path:
-            node = node[getattr(key, "key", getattr(key, "idx", key))]
-        return node
+        return subtree(spec_tree, path_keys(path))
 
     return jax.tree_util.tree_map_with_path(lookup, like)
 
@@ -239,7 +236,7 @@ def _local_grads(states: StateLayout, loss_fn: LossFn, params, frozen, batch, sc
     specs = states.specs
 
     scattered = _scattered_in_scan(states, params)
-    whole = {path: (params_at(params, path), d) for path, d in scattered.items()}  # stage 2: replicated stacks
+    whole = {path: (subtree(params, path), d) for path, d in scattered.items()}  # stage 2: replicated stacks
 
     def objective(p):
         model = nnx.merge(states.graphdef, _gather(states, p, specs["param"]),
@@ -255,9 +252,9 @@ def _local_grads(states: StateLayout, loss_fn: LossFn, params, frozen, batch, sc
     shards = _map_at(params, scattered, lambda x, d: _own_shard(x, d, n))
     grads, (loss, metrics, weight) = jax.grad(objective, has_aux=True)(shards)
     total = jax.lax.psum(weight, DATA_AXES)
-    done = _map_at(jax.tree.map(lambda _: False, params), scattered, lambda x, d: True)
-    grads = jax.tree.map(lambda g, ps, gs, ok: g if ok else _reduce(g, ps, gs), grads, specs["param"],
-                         specs["grad"], done, is_leaf=_is_spec)
+    grads = jax.tree_util.tree_map_with_path(
+        lambda path, g, ps, gs: g if path_keys(path) in scattered else _reduce(g, ps, gs),  # scattered already
+        grads, specs["param"], specs["grad"], is_leaf=_is_spec)
     grads = jax.tree.map(lambda g: g / total, grads)
     out = {k: jax.lax.psum(v * weight, DATA_AXES) / total for k, v in metrics.items() if k != "weight"}
     out["loss"] = jax.lax.psum(loss * weight, DATA_AXES) / total
@@ -283,7 +280,7 @@ def _gather(states: StateLayout, tree, specs, *, whole=False):
 
 
 def _is_deferred(states: StateLayout, path) -> bool:
-    keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+    keys = path_keys(path)
     return any(keys[:len(prefix)] == prefix for prefix in states.deferred)
 
 
@@ -314,7 +311,7 @@ def _scattered_in_scan(states: StateLayout, params) -> dict:
     flat = jax.tree_util.tree_flatten_with_path(states.specs["param"], is_leaf=_is_spec)[0]
     grads = jax.tree.leaves(states.specs["grad"], is_leaf=_is_spec)
     for (key_path, spec), grad_spec in zip(flat, grads):
-        keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in key_path)
+        keys = path_keys(key_path)
         d = zero_dim(grad_spec)
         under_layers = any(keys[:len(prefix)] == prefix and prefix[-1] == "layers" for prefix in states.deferred)
         if under_layers and zero_dim(spec) is None and d is not None:
@@ -322,28 +319,21 @@ def _scattered_in_scan(states: StateLayout, params) -> dict:
     return out
 
 
-def params_at(tree: dict, path: tuple):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
 def _map_at(tree: dict, where: dict, fn) -> dict:
-    """`tree` (nested dicts) with the leaf at each path of `where` (present in `tree`) replaced by
-    fn(leaf, where[path]); the rest shared."""
-    if not where:
-        return tree
+    """`tree` (nested dicts) with the leaf at each path of `where` replaced by fn(leaf, where[path]); the
+    dicts on those paths are copied, the rest shared. A path `tree` lacks is skipped (a LoRA leaf of a
+    model run with its adapters off, as DPO's reference)."""
     out = dict(tree)
     for path, value in where.items():
-        node, parents = out, []
-        try:
-            for key in path[:-1]:
-                parents.append(node)
-                node[key] = dict(node[key])
-                node = node[key]
-            node[path[-1]] = fn(node[path[-1]], value)
-        except KeyError:  # not in this tree (a frozen leaf, or another model's)
-            continue
+        node = out
+        for key in path[:-1]:
+            if key not in node:
+                break
+            node[key] = dict(node[key])
+            node = node[key]
+        else:
+            if path[-1] in node:
+                node[path[-1]] = fn(node[path[-1]], value)
     return out
 
 
