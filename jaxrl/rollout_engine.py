@@ -19,6 +19,10 @@ so a sampled rollout does not depend on which slot an item lands in or when; gre
 for token the static sampler's (same model, same sampling functions, fp32 rounding aside); `tokens`,
 `logprobs` and `mask` mean what `generation.generate_batch` returns.
 
+Multi-process runs: every process runs the same host loop on the same values (the global prompt list,
+the slots' progress gathered to every process by `parallel.mesh.to_host`), so they all make the same
+refill and bucket decisions and dispatch the same programs in the same order.
+
 Shapes: B slots, I items (output rows), U distinct prompts in one refill, R refilled rows, Tp prompt
 bucket, N max_new_tokens, S cache length (longest prompt bucket + N), C cache length of one decode chunk.
 """
@@ -39,6 +43,7 @@ from jax.sharding import PartitionSpec as P
 from jaxrl.errors import JaxrlError
 from jaxrl.generation import (SamplerConfig, _check_prompts, _is_eos, _row_shards, batch_bucket, prompt_bucket,
                               sample_tokens, sampler_config, token_logprobs)
+from jaxrl.parallel.mesh import to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +236,11 @@ def _pow2(n: int, cap: int) -> int:
     return min(cap, 1 << max(n - 1, 0).bit_length())
 
 
+def _progress(state: SlotState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The slots' (done, cursor, step) on the host, the same on every process: the schedule reads them."""
+    return to_host(state.done), to_host(state.cursor), to_host(state.step)
+
+
 def _refill_batch(prompts, take, free, slots: int, items: int, pad_id: int, cap: int):
     """Host arrays for one `prefill_slots`: the distinct prompts among `take` (item indices) left-padded to
     their bucket, and per refilled row its prompt row, slot and item, padded to power-of-two rows."""
@@ -259,7 +269,8 @@ def generate_slots(model, prompts: list[list[int]], cfg: SamplerConfig, rng, *, 
     Args:
       model: a `Transformer` (parameters may be sharded on a mesh).
       prompts: I token-id lists, any lengths (each non-empty, in the vocabulary); repeated prompts (a
-        group's samples) next to each other share their prefill when they start in the same refill.
+        group's samples) next to each other share their prefill when they start in the same refill. In a
+        multi-process run every process passes the same (global) list.
       cfg: the sampler config; rng: a PRNG key (item i samples with fold_in(rng, i)).
       engine: slots and scheduling.
       batch_sharding: where the slot rows live (e.g. NamedSharding(mesh, P('data'))); slots must divide.
@@ -295,7 +306,7 @@ def generate_slots(model, prompts: list[list[int]], cfg: SamplerConfig, rng, *, 
             counts["prefills"] += 1
             counts["prefill_rows"] += len(take)
             counts["prefill_prompts"] += len({tuple(prompts[i]) for i in take})
-        done, cursor, step = (np.asarray(x) for x in jax.device_get((state.done, state.cursor, state.step)))
+        done, cursor, step = _progress(state)
         if done.all():
             if queue:
                 continue  # every new item ended on its first token: refill again
@@ -306,7 +317,7 @@ def generate_slots(model, prompts: list[list[int]], cfg: SamplerConfig, rng, *, 
         before = step.copy()
         state = decode_chunk(graphdef, params, state, np.int32(target), cfg=cfg, length=chunk_len,
                              chunk_steps=engine.chunk_steps, batch_sharding=batch_sharding)
-        done, cursor, step = (np.asarray(x) for x in jax.device_get((state.done, state.cursor, state.step)))
+        done, cursor, step = _progress(state)
         counts["chunks"] += 1
         counts["decode_steps"] += int((step - before).max())
     if stats is not None:
@@ -319,9 +330,10 @@ def generate_slots(model, prompts: list[list[int]], cfg: SamplerConfig, rng, *, 
 
 def generate_padded(model, prompt_ids, prompt_mask, cfg: SamplerConfig, rng, *, engine: EngineConfig,
                     batch_sharding: NamedSharding | None = None) -> dict[str, jax.Array]:
-    """`generation.generate_batch` through the slot engine: (B, Tp) left-padded host prompts in, the same
-    (B, N) `tokens`, `logprobs`, `mask` out (PPO's rollouts; identical rows share a prefill)."""
-    ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask).astype(bool)
+    """`generation.generate_batch` through the slot engine: (B, Tp) left-padded prompts in (host arrays, or
+    global arrays gathered to every process), the same (B, N) `tokens`, `logprobs`, `mask` out (PPO's
+    rollouts; identical rows share a prefill)."""
+    ids, mask = to_host(prompt_ids), to_host(prompt_mask).astype(bool)
     prompts = [row[m].tolist() for row, m in zip(ids, mask)]
     return generate_slots(model, prompts, cfg, rng, engine=engine, batch_sharding=batch_sharding)
 
@@ -337,5 +349,5 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int = 64, temperat
     rng = jax.random.key(seed) if rng is None else rng
     slots = min(slots, batch_bucket(len(prompts), _row_shards(batch_sharding)))  # no more slots than prompts need
     out = generate_slots(model, prompts, cfg, rng, engine=EngineConfig(slots=slots), batch_sharding=batch_sharding)
-    tokens, valid = np.asarray(out["tokens"]), np.asarray(out["mask"])
+    tokens, valid = to_host(out["tokens"]), to_host(out["mask"])
     return [tokens[r, :valid[r].sum()].tolist() for r in range(len(prompts))]
