@@ -20,7 +20,7 @@ for token the static sampler's (same model, same sampling functions, fp32 roundi
 `logprobs` and `mask` mean what `generation.generate_batch` returns.
 
 Multi-process runs: every process runs the same host loop on the same values (the global prompt list,
-the slots' progress gathered to every process by `parallel.mesh.to_host`), so they all make the same
+each chunk's progress gathered to every process by `parallel.mesh.to_host`), so they all make the same
 refill and bucket decisions and dispatch the same programs in the same order.
 
 Shapes: B slots, I items (output rows), U distinct prompts in one refill, R refilled rows, Tp prompt
@@ -206,11 +206,13 @@ def _decode_one(model, s: SlotState, cfg: SamplerConfig, batch_sharding) -> Slot
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "length", "chunk_steps", "batch_sharding"),
                    donate_argnames=("state",))
 def decode_chunk(graphdef, params, state: SlotState, free_target, *, cfg: SamplerConfig, length: int,
-                 chunk_steps: int, batch_sharding=None) -> SlotState:
+                 chunk_steps: int, batch_sharding=None) -> tuple[SlotState, jax.Array]:
     """Decodes at most `chunk_steps` steps, stopping early once `free_target` (traced) or all slots are free.
 
     Attention reads cache positions [0, length) only: the caller picks `length` (static: one program per
     length bucket) to cover every running slot's cursor + chunk_steps - 1. `state` is donated.
+    Returns the state and the slots' progress, (3, B) int32 rows done, cursor, step: what the host loop
+    reads, in one transfer.
     """
     model = nnx.merge(graphdef, params)
     full = state.cache["k"].shape[2]
@@ -224,21 +226,17 @@ def decode_chunk(graphdef, params, state: SlotState, free_target, *, cfg: Sample
 
     sub, _ = jax.lax.while_loop(running, lambda c: (_decode_one(model, c[0], cfg, batch_sharding), c[1] + 1),
                                 (sub, jnp.array(0, jnp.int32)))
+    progress = jnp.stack([sub.done.astype(jnp.int32), sub.cursor, sub.step])
     if length == full:
-        return sub
+        return sub, progress
     put = lambda whole, part: jax.lax.dynamic_update_slice(whole, part, (0,) * whole.ndim)  # noqa: E731
     return sub.replace(cache={k: put(state.cache[k], sub.cache[k]) for k in ("k", "v")},
-                       kv_mask=put(state.kv_mask, sub.kv_mask))
+                       kv_mask=put(state.kv_mask, sub.kv_mask)), progress
 
 
 # ------------------------------------------------------------------------------------------ host loop
 def _pow2(n: int, cap: int) -> int:
     return min(cap, 1 << max(n - 1, 0).bit_length())
-
-
-def _progress(state: SlotState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The slots' (done, cursor, step) on the host, the same on every process: the schedule reads them."""
-    return to_host(state.done), to_host(state.cursor), to_host(state.step)
 
 
 def _refill_batch(prompts, take, free, slots: int, items: int, pad_id: int, cap: int):
@@ -263,7 +261,8 @@ def _refill_batch(prompts, take, free, slots: int, items: int, pad_id: int, cap:
 
 
 def generate_slots(model, prompts: list[list[int]], cfg: SamplerConfig, rng, *, engine: EngineConfig = EngineConfig(),
-                   batch_sharding: NamedSharding | None = None, stats: dict | None = None) -> dict[str, jax.Array]:
+                   batch_sharding: NamedSharding | None = None, stats: dict | None = None,
+                   prompt_cap: int | None = None) -> dict[str, jax.Array]:
     """Generates one completion per prompt with the slot engine.
 
     Args:
@@ -276,12 +275,14 @@ def generate_slots(model, prompts: list[list[int]], cfg: SamplerConfig, rng, *, 
       batch_sharding: where the slot rows live (e.g. NamedSharding(mesh, P('data'))); slots must divide.
       stats: if given, filled with counts (`decode_steps`, `chunks`, `prefills`, `prefill_rows`,
         `prefill_prompts`) for benchmarks and tests.
+      prompt_cap: prompt buckets at most this long (and at least the longest prompt); default the
+        model's max_position_embeddings.
     Returns:
       dict of device arrays in prompt order, as `generation.generate_batch` returns them: `tokens` (I, N)
       int32 (pad after EOS), `logprobs` (I, N) fp32, `mask` (I, N) int32 (1 up to and including EOS).
     """
     b, n = engine.slots, cfg.max_new_tokens
-    cap = model.config.max_position_embeddings
+    cap = min(model.config.max_position_embeddings, prompt_cap or model.config.max_position_embeddings)
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts or not all(prompts):
         raise JaxrlError("generate_slots needs at least one prompt, each with at least one token")
@@ -306,18 +307,21 @@ def generate_slots(model, prompts: list[list[int]], cfg: SamplerConfig, rng, *, 
             counts["prefills"] += 1
             counts["prefill_rows"] += len(take)
             counts["prefill_prompts"] += len({tuple(prompts[i]) for i in take})
-        done, cursor, step = _progress(state)
+            # The refilled slots' progress as the prefill set it, kept on the host until the chunk's read
+            # (an item that ended on its first token counts as running until then: the chunk skips it).
+            filled = free[:len(take)]
+            done[filled], cursor[filled], step[filled] = False, ids.shape[1], 1
         if done.all():
-            if queue:
-                continue  # every new item ended on its first token: refill again
-            break
+            break  # nothing running, nothing queued
         reach = int(cursor[~done].max()) + engine.chunk_steps  # positions the chunk may read, at most
         chunk_len = min(length, -(-reach // engine.length_block) * engine.length_block)
         target = engine.refill_threshold if queue else b
         before = step.copy()
-        state = decode_chunk(graphdef, params, state, np.int32(target), cfg=cfg, length=chunk_len,
-                             chunk_steps=engine.chunk_steps, batch_sharding=batch_sharding)
-        done, cursor, step = _progress(state)
+        state, progress = decode_chunk(graphdef, params, state, np.int32(target), cfg=cfg, length=chunk_len,
+                                       chunk_steps=engine.chunk_steps, batch_sharding=batch_sharding)
+        # Gathered to every process (multi-process runs): every host loop takes the same next decision.
+        done, cursor, step = to_host(progress).astype(np.int64)
+        done = done.astype(bool)
         counts["chunks"] += 1
         counts["decode_steps"] += int((step - before).max())
     if stats is not None:
@@ -335,7 +339,9 @@ def generate_padded(model, prompt_ids, prompt_mask, cfg: SamplerConfig, rng, *, 
     rollouts; identical rows share a prefill)."""
     ids, mask = to_host(prompt_ids), to_host(prompt_mask).astype(bool)
     prompts = [row[m].tolist() for row, m in zip(ids, mask)]
-    return generate_slots(model, prompts, cfg, rng, engine=engine, batch_sharding=batch_sharding)
+    # Prompt buckets no wider than the batch's own padding, as the static sampler runs at exactly that width.
+    return generate_slots(model, prompts, cfg, rng, engine=engine, batch_sharding=batch_sharding,
+                          prompt_cap=ids.shape[1])
 
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
