@@ -20,11 +20,20 @@ Reported: useful tokens/s = sum of completion lengths (EOS included) / wall time
 flight as the engine's slots).
 
 Usage: python benchmarks/rollout.py --prompts 512 --slots 64 [--hf-prompts 128]
+
+--ppo instead times `jaxrl ppo` iterations of the embedded default (configs/tiny.yaml with
+benchmarks/train.py's PPO_OVERRIDES: 128 rollouts of at most 6 tokens) with each generation.engine, the
+engines taking turns over --rounds runs: the PPO time split (`time/*` of metrics.jsonl, median of the
+iterations after the first, which compiles), and the first iteration's generation time (compiles).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -50,6 +59,10 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--torch-threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ppo", action="store_true", help="time PPO iterations of the embedded default per engine")
+    p.add_argument("--ppo-steps", type=int, default=5, help="--ppo: iterations per run (the first compiles)")
+    p.add_argument("--rounds", type=int, default=3, help="--ppo: runs per engine, alternated")
+    p.add_argument("--engines", nargs="+", default=["static", "slots"], help="--ppo: generation.engine values")
     return p.parse_args(argv)
 
 
@@ -145,8 +158,40 @@ def timed(systems, repeats: int) -> dict:
     return best
 
 
+def ppo_split(args) -> None:
+    """--ppo: the embedded default's PPO time split per generation.engine (see the module docstring)."""
+    from train import PPO_OVERRIDES, load
+
+    from jaxrl.train.metrics import read_metrics
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    keys = ("time/generation", "time/experience", "time/train")
+    runs = {e: [] for e in args.engines}
+    print(f"PPO iterations of the embedded default, {args.ppo_steps - 1} timed per run; load {load()}")
+    print("round | engine | generation s | scoring s | updates s | step 1 generation s (compiles) | load")
+    for r in range(args.rounds):
+        for engine in args.engines if r % 2 == 0 else args.engines[::-1]:
+            started = load()
+            with tempfile.TemporaryDirectory() as out:
+                cmd = [sys.executable, "-m", "jaxrl.cli", "ppo", "--config", os.path.join(here, "configs", "tiny.yaml"),
+                       *PPO_OVERRIDES, f"generation.engine={engine}", f"train.steps={args.ppo_steps}",
+                       f"seed={args.seed}", "--output", out]
+                subprocess.run(cmd, check=True, capture_output=True, cwd=here)
+                rows = [row for row in read_metrics(out) if "time/train" in row]
+            t = [statistics.median(row[k] for row in rows[1:]) for k in keys] + [rows[0]["time/generation"]]
+            runs[engine].append(t)
+            print(f"{r} | {engine} | " + " | ".join(f"{x:.4f}" for x in t) + f" | {started}", flush=True)
+    for engine, ts in runs.items():
+        med = [statistics.median(x[i] for x in ts) for i in range(4)]
+        print(f"median {engine}: generation {med[0]:.4f} s, scoring {med[1]:.4f} s, updates {med[2]:.4f} s, "
+              f"step 1 generation {med[3]:.2f} s", flush=True)
+    print(f"load at the end {load()}")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.ppo:
+        return ppo_split(args)
     import torch
 
     if args.torch_threads:

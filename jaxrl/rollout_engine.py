@@ -19,6 +19,10 @@ so a sampled rollout does not depend on which slot an item lands in or when; gre
 for token the static sampler's (same model, same sampling functions, fp32 rounding aside); `tokens`,
 `logprobs` and `mask` mean what `generation.generate_batch` returns.
 
+Multi-process runs: every process runs the same host loop on the same values (the global prompt list,
+each chunk's progress gathered to every process by `parallel.mesh.to_host`), so they all make the same
+refill and bucket decisions and dispatch the same programs in the same order.
+
 Shapes: B slots, I items (output rows), U distinct prompts in one refill, R refilled rows, Tp prompt
 bucket, N max_new_tokens, S cache length (longest prompt bucket + N), C cache length of one decode chunk.
 """
@@ -39,6 +43,7 @@ from jax.sharding import PartitionSpec as P
 from jaxrl.errors import JaxrlError
 from jaxrl.generation import (SamplerConfig, _check_prompts, _is_eos, _row_shards, batch_bucket, prompt_bucket,
                               sample_tokens, sampler_config, token_logprobs)
+from jaxrl.parallel.mesh import to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,11 +206,13 @@ def _decode_one(model, s: SlotState, cfg: SamplerConfig, batch_sharding) -> Slot
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "length", "chunk_steps", "batch_sharding"),
                    donate_argnames=("state",))
 def decode_chunk(graphdef, params, state: SlotState, free_target, *, cfg: SamplerConfig, length: int,
-                 chunk_steps: int, batch_sharding=None) -> SlotState:
+                 chunk_steps: int, batch_sharding=None) -> tuple[SlotState, jax.Array]:
     """Decodes at most `chunk_steps` steps, stopping early once `free_target` (traced) or all slots are free.
 
     Attention reads cache positions [0, length) only: the caller picks `length` (static: one program per
     length bucket) to cover every running slot's cursor + chunk_steps - 1. `state` is donated.
+    Returns the state and the slots' progress, (3, B) int32 rows done, cursor, step: what the host loop
+    reads, in one transfer.
     """
     model = nnx.merge(graphdef, params)
     full = state.cache["k"].shape[2]
@@ -219,11 +226,12 @@ def decode_chunk(graphdef, params, state: SlotState, free_target, *, cfg: Sample
 
     sub, _ = jax.lax.while_loop(running, lambda c: (_decode_one(model, c[0], cfg, batch_sharding), c[1] + 1),
                                 (sub, jnp.array(0, jnp.int32)))
+    progress = jnp.stack([sub.done.astype(jnp.int32), sub.cursor, sub.step])
     if length == full:
-        return sub
+        return sub, progress
     put = lambda whole, part: jax.lax.dynamic_update_slice(whole, part, (0,) * whole.ndim)  # noqa: E731
     return sub.replace(cache={k: put(state.cache[k], sub.cache[k]) for k in ("k", "v")},
-                       kv_mask=put(state.kv_mask, sub.kv_mask))
+                       kv_mask=put(state.kv_mask, sub.kv_mask)), progress
 
 
 # ------------------------------------------------------------------------------------------ host loop
@@ -253,24 +261,28 @@ def _refill_batch(prompts, take, free, slots: int, items: int, pad_id: int, cap:
 
 
 def generate_slots(model, prompts: list[list[int]], cfg: SamplerConfig, rng, *, engine: EngineConfig = EngineConfig(),
-                   batch_sharding: NamedSharding | None = None, stats: dict | None = None) -> dict[str, jax.Array]:
+                   batch_sharding: NamedSharding | None = None, stats: dict | None = None,
+                   prompt_cap: int | None = None) -> dict[str, jax.Array]:
     """Generates one completion per prompt with the slot engine.
 
     Args:
       model: a `Transformer` (parameters may be sharded on a mesh).
       prompts: I token-id lists, any lengths (each non-empty, in the vocabulary); repeated prompts (a
-        group's samples) next to each other share their prefill when they start in the same refill.
+        group's samples) next to each other share their prefill when they start in the same refill. In a
+        multi-process run every process passes the same (global) list.
       cfg: the sampler config; rng: a PRNG key (item i samples with fold_in(rng, i)).
       engine: slots and scheduling.
       batch_sharding: where the slot rows live (e.g. NamedSharding(mesh, P('data'))); slots must divide.
       stats: if given, filled with counts (`decode_steps`, `chunks`, `prefills`, `prefill_rows`,
         `prefill_prompts`) for benchmarks and tests.
+      prompt_cap: prompt buckets at most this long (and at least the longest prompt); default the
+        model's max_position_embeddings.
     Returns:
       dict of device arrays in prompt order, as `generation.generate_batch` returns them: `tokens` (I, N)
       int32 (pad after EOS), `logprobs` (I, N) fp32, `mask` (I, N) int32 (1 up to and including EOS).
     """
     b, n = engine.slots, cfg.max_new_tokens
-    cap = model.config.max_position_embeddings
+    cap = min(model.config.max_position_embeddings, prompt_cap or model.config.max_position_embeddings)
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts or not all(prompts):
         raise JaxrlError("generate_slots needs at least one prompt, each with at least one token")
@@ -295,18 +307,21 @@ def generate_slots(model, prompts: list[list[int]], cfg: SamplerConfig, rng, *, 
             counts["prefills"] += 1
             counts["prefill_rows"] += len(take)
             counts["prefill_prompts"] += len({tuple(prompts[i]) for i in take})
-        done, cursor, step = (np.asarray(x) for x in jax.device_get((state.done, state.cursor, state.step)))
+            # The refilled slots' progress as the prefill set it, kept on the host until the chunk's read
+            # (an item that ended on its first token counts as running until then: the chunk skips it).
+            filled = free[:len(take)]
+            done[filled], cursor[filled], step[filled] = False, ids.shape[1], 1
         if done.all():
-            if queue:
-                continue  # every new item ended on its first token: refill again
-            break
+            break  # nothing running, nothing queued
         reach = int(cursor[~done].max()) + engine.chunk_steps  # positions the chunk may read, at most
         chunk_len = min(length, -(-reach // engine.length_block) * engine.length_block)
         target = engine.refill_threshold if queue else b
         before = step.copy()
-        state = decode_chunk(graphdef, params, state, np.int32(target), cfg=cfg, length=chunk_len,
-                             chunk_steps=engine.chunk_steps, batch_sharding=batch_sharding)
-        done, cursor, step = (np.asarray(x) for x in jax.device_get((state.done, state.cursor, state.step)))
+        state, progress = decode_chunk(graphdef, params, state, np.int32(target), cfg=cfg, length=chunk_len,
+                                       chunk_steps=engine.chunk_steps, batch_sharding=batch_sharding)
+        # Gathered to every process (multi-process runs): every host loop takes the same next decision.
+        done, cursor, step = to_host(progress).astype(np.int64)
+        done = done.astype(bool)
         counts["chunks"] += 1
         counts["decode_steps"] += int((step - before).max())
     if stats is not None:
@@ -319,11 +334,14 @@ def generate_slots(model, prompts: list[list[int]], cfg: SamplerConfig, rng, *, 
 
 def generate_padded(model, prompt_ids, prompt_mask, cfg: SamplerConfig, rng, *, engine: EngineConfig,
                     batch_sharding: NamedSharding | None = None) -> dict[str, jax.Array]:
-    """`generation.generate_batch` through the slot engine: (B, Tp) left-padded host prompts in, the same
-    (B, N) `tokens`, `logprobs`, `mask` out (PPO's rollouts; identical rows share a prefill)."""
-    ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask).astype(bool)
+    """`generation.generate_batch` through the slot engine: (B, Tp) left-padded prompts in (host arrays, or
+    global arrays gathered to every process), the same (B, N) `tokens`, `logprobs`, `mask` out (PPO's
+    rollouts; identical rows share a prefill)."""
+    ids, mask = to_host(prompt_ids), to_host(prompt_mask).astype(bool)
     prompts = [row[m].tolist() for row, m in zip(ids, mask)]
-    return generate_slots(model, prompts, cfg, rng, engine=engine, batch_sharding=batch_sharding)
+    # Prompt buckets no wider than the batch's own padding, as the static sampler runs at exactly that width.
+    return generate_slots(model, prompts, cfg, rng, engine=engine, batch_sharding=batch_sharding,
+                          prompt_cap=ids.shape[1])
 
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
@@ -337,5 +355,5 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int = 64, temperat
     rng = jax.random.key(seed) if rng is None else rng
     slots = min(slots, batch_bucket(len(prompts), _row_shards(batch_sharding)))  # no more slots than prompts need
     out = generate_slots(model, prompts, cfg, rng, engine=EngineConfig(slots=slots), batch_sharding=batch_sharding)
-    tokens, valid = np.asarray(out["tokens"]), np.asarray(out["mask"])
+    tokens, valid = to_host(out["tokens"]), to_host(out["mask"])
     return [tokens[r, :valid[r].sum()].tolist() for r in range(len(prompts))]

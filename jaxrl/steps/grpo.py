@@ -208,7 +208,8 @@ class GRPO:
         # The rollout's rows are every process's rows in process order, so are the fields.
         rows = [row for row in gather_rows(batch_rows(prompts)) for _ in range(group)]
         t0 = time.perf_counter()
-        engine = ppo.slot_engine(self.cfg, len(repeated["input_ids"]))  # a group's rows share their prefill
+        # generation.slots=0: a slot per row of the whole batch (every process's); a group's rows share a prefill.
+        engine = ppo.slot_engine(self.cfg, len(repeated["input_ids"]) * jax.process_count())
         batch = ppo.rollout(self.roles.hybrid, actor_state, repeated, rng, sampler or self.sampler,
                             self.train_sharding, engine, group=group)
         t1 = time.perf_counter()
@@ -249,7 +250,8 @@ class GRPO:
         a = state["actor"]
         ref = None if self.roles.ref is None else self.roles.ref[1]
         with jax.set_mesh(self.mesh):
-            scores = build.to_device({"s": scores}, self.train_sharding)["s"]
+            # Every process holds all B scores (rewarded from the gathered rollout), not its own rows.
+            scores = jax.device_put(np.asarray(scores, np.float32), self.train_sharding)
             return settle(self._experience(a.params, a.frozen, ref, batch, scores))
 
     def _experience_fn(self, actor_params, actor_frozen, ref_state, batch, scores):

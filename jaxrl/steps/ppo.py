@@ -186,9 +186,6 @@ def slot_engine(cfg: RunConfig, rows: int) -> EngineConfig | None:
     g = cfg.generation
     if g.engine != "slots":
         return None
-    if jax.process_count() > 1:
-        raise JaxrlError("generation.engine=slots runs on one process (its host loop reads every slot); use "
-                         "generation.engine=static for multi-process runs")
     return EngineConfig(slots=g.slots or rows)
 
 
@@ -211,7 +208,8 @@ def rollout(hybrid: HybridEngine, actor_state, prompts: dict, rng, sampler: Samp
             out = generate_batch(model, gen["input_ids"], gen["attention_mask"], sampler, rng,
                                  batch_sharding=hybrid.batch_sharding, group=group)
         else:
-            out = generate_padded(model, prompts["input_ids"], prompts["attention_mask"], sampler, rng,
+            # Every process runs the engine's host loop on the whole batch's prompts (gathered).
+            out = generate_padded(model, gen["input_ids"], gen["attention_mask"], sampler, rng,
                                   engine=engine, batch_sharding=hybrid.batch_sharding)
         del model  # the generation copy's memory goes back to training
     batch = {
