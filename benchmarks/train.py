@@ -69,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--ppo-steps", type=int, default=4, help="--ppo: iterations per run (the first compiles)")
     p.add_argument("--top", type=int, default=25, help="--profile: ops listed")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--huge-pages", default="jaxrl", choices=["jaxrl", "none", "both"],
+                   help="who runs with glibc's huge-page tunable: jaxrl's processes (as the `jaxrl` command "
+                        "runs them on CPU, jaxrl/host_memory.py), neither, or HF's too")
     p.add_argument("--baseline", metavar="TREE",
                    help="also run the jaxrl step of another checkout (e.g. `git worktree add` of the commit "
                         "before a change) in each round, as 'base'")
@@ -93,16 +96,21 @@ def load() -> str:
     return "%.2f %.2f %.2f" % os.getloadavg()
 
 
-def timed(step, warmup: int, repeats: int) -> tuple[float, float]:
-    """(median seconds per step, first step's loss) for `step() -> loss` (which must block)."""
-    times, first = [], None
+def timed(step, warmup: int, repeats: int) -> tuple[float, float, int]:
+    """(median seconds per step, first step's loss, page faults per timed step) for `step() -> loss`
+    (which must block)."""
+    import resource
+
+    times, first, faults = [], None, 0
     for i in range(warmup + repeats):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         loss = step()
         first = loss if first is None else first
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return statistics.median(times), first
+            faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    return statistics.median(times), first, faults // repeats
 
 
 # ------------------------------------------------------------------------------------------------ GEMMs
@@ -209,8 +217,8 @@ def jaxrl_worker(args, cfg, ids) -> dict:
             holder["state"], metrics = trainer.step(holder["state"], batch)
         return float(metrics["loss"])
 
-    seconds, loss = timed(step, args.warmup, args.repeats)
-    out = {"step_s": seconds, "loss": loss}
+    seconds, loss, faults = timed(step, args.warmup, args.repeats)
+    out = {"step_s": seconds, "loss": loss, "faults": faults}
     if not args.no_gemm:
         dtype = jnp.float32 if args.dtypes[0] == "fp32" else jnp.bfloat16
         out["gemm_s"], out["gflop"] = gemm_seconds(jax_matmul(dtype), gemm_shapes(cfg, *ids.shape))
@@ -238,8 +246,8 @@ def hf_worker(args, cfg, ids) -> dict:
         opt.step()
         return loss.item()
 
-    seconds, loss = timed(step, args.warmup, args.repeats)
-    out = {"step_s": seconds, "loss": loss, "torch_threads": torch.get_num_threads()}
+    seconds, loss, faults = timed(step, args.warmup, args.repeats)
+    out = {"step_s": seconds, "loss": loss, "faults": faults, "torch_threads": torch.get_num_threads()}
     if not args.no_gemm:
         dtype = torch.bfloat16 if bf16 else torch.float32
         out["gemm_s"], out["gflop"] = gemm_seconds(torch_matmul(dtype), gemm_shapes(cfg, *ids.shape))
@@ -265,8 +273,22 @@ def save_hf_model(cfg, directory: str, seed: int) -> None:
     LlamaForCausalLM(LlamaConfig.from_dict(config_to_hf(cfg))).save_pretrained(directory, safe_serialization=True)
 
 
+def worker_env(args, framework: str) -> dict:
+    """The worker's environment: huge pages as `--huge-pages` says, the tree to import for `base`."""
+    from jaxrl.host_memory import huge_pages_env
+
+    env = dict(os.environ)
+    if args.huge_pages == "both" or (args.huge_pages == "jaxrl" and framework != "hf"):
+        env = huge_pages_env(env) or env
+    else:
+        env["JAXRL_HUGE_PAGES"] = "0"  # also keeps `python -m jaxrl.cli` (--ppo) from re-executing with them
+    if framework == "base":
+        env["JAXRL_BENCH_TREE"] = os.path.abspath(args.baseline)
+    return env
+
+
 def run_worker(args, framework: str, shape: str, dtype: str, directory: str) -> dict:
-    env = dict(os.environ, JAXRL_BENCH_TREE=os.path.abspath(args.baseline)) if framework == "base" else None
+    env = worker_env(args, framework)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "jaxrl" if framework == "base" else framework,
            "--model-dir", directory,
            "--shapes", shape, "--dtypes", dtype, "--batch", str(args.batch), "--seq-len", str(args.seq_len),
@@ -280,7 +302,8 @@ def run_worker(args, framework: str, shape: str, dtype: str, directory: str) -> 
 
 
 def describe(r: dict, tokens: int) -> str:
-    text = f"{1e3 * r['step_s']:8.0f} ms  {tokens / r['step_s']:8.0f} tok/s  loss {r['loss']:.4f}"
+    text = (f"{1e3 * r['step_s']:8.0f} ms  {tokens / r['step_s']:8.0f} tok/s  loss {r['loss']:.4f}"
+            f"  {r.get('faults', 0):7d} faults")
     if "gemm_s" in r:
         text += (f"  GEMMs {1e3 * r['gemm_s']:7.0f} ms ({r['gflop'] / r['gemm_s']:5.1f} GFLOP/s)"
                  f"  outside {100 * (1 - r['gemm_s'] / r['step_s']):3.0f}%")
@@ -328,7 +351,7 @@ def ppo_run(args, tree: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "jaxrl.cli", "ppo", "--config", os.path.join(tree, "configs", "tiny.yaml"),
                *PPO_OVERRIDES, f"train.steps={args.ppo_steps}", f"seed={args.seed}", "--output", out]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tree)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tree, env=worker_env(args, "jaxrl"))
         if proc.returncode:
             raise RuntimeError(f"jaxrl ppo failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -457,6 +480,10 @@ def main(argv=None):
     if args.worker:
         return worker(args)
     if args.profile:
+        if args.huge_pages != "none":  # as the `jaxrl` command would run it
+            from jaxrl.host_memory import reexec_with_huge_pages
+
+            reexec_with_huge_pages()
         return profile(args)
     if args.ppo:
         return ppo(args)

@@ -57,5 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `jaxrl` console script: CPU runs first re-execute with huge pages (jaxrl/host_memory.py)."""
+    from jaxrl.host_memory import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
