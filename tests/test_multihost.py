@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from device_env import device_env
 from jaxrl import cli
 from jaxrl.train.metrics import read_metrics
 
@@ -33,9 +34,8 @@ def _launch(output, reports, processes=2, devices=4, args=ARGS):
     coordinator = f"127.0.0.1:{_free_port()}"
     procs = []
     for i in range(processes):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                   JAXRL_COORDINATOR=coordinator, JAXRL_NUM_PROCESSES=str(processes), JAXRL_PROCESS_ID=str(i))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+        env = device_env(devices, JAXRL_COORDINATOR=coordinator, JAXRL_NUM_PROCESSES=str(processes),
+                         JAXRL_PROCESS_ID=str(i))
         log = open(reports / f"process{i}.log", "w")
         cmd = [sys.executable, WORKER, str(reports / f"process{i}.json"), *args, "--output", str(output)]
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO), log))

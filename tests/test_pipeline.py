@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from device_env import device_env
 from jaxrl import cli
 
 # A reduced pipeline for tests that need the three steps to run, not to learn (multi-host, bad inputs).
@@ -37,8 +38,7 @@ def pipeline_dir(tmp_path_factory):
     configuration it promises it for. Not this process's 8 simulated devices: they are not what a user's
     CPU run has, and they made the run 1.7x slower (5:42 against 3:21 wall, measured alone)."""
     out = str(tmp_path_factory.mktemp("pipeline"))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    run = subprocess.run([sys.executable, "-m", "jaxrl.cli", "pipeline", "--output", out], env=env,
+    run = subprocess.run([sys.executable, "-m", "jaxrl.cli", "pipeline", "--output", out], env=device_env(1),
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
     return out

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from device_env import device_env
 from jaxrl import cli
 from jaxrl.data import synthetic
 from jaxrl.data.formats import PreferenceRecord, PromptRecord
@@ -203,17 +204,11 @@ def test_score_is_read_at_the_last_real_token_for_either_padding(held_out_pairs,
 RESUME = [*SFT, "train.save_every=4"]
 
 
-def _subprocess_env(devices: int = 8) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
-    return env
-
-
 def _sigkill_after_checkpoint(output, step: int, log_path) -> None:
     """Starts `jaxrl sft` in a subprocess and SIGKILLs it once checkpoint `step` is finalised."""
     cmd = [sys.executable, "-m", "jaxrl.cli", "sft", "--config", TINY, "--output", str(output), *RESUME]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_subprocess_env(), cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=device_env(8), cwd=REPO)
     # Orbax writes a step into a temporary directory and renames it to `<step>` once complete.
     target, deadline = output / "checkpoints" / str(step), time.monotonic() + 120
     try:
