@@ -31,6 +31,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from jaxrl.errors import JaxrlError
+from jaxrl.models.attention import attention, softcapped_attention
 from jaxrl.models.config import ModelConfig
 from jaxrl.parallel.sharding import ModelShardings, current_mesh, fit_spec
 
@@ -185,26 +186,6 @@ def apply_rope(x, positions, inv_freq, scale=1.0):
     return jnp.concatenate([out, x_pass], axis=-1) if r < x.shape[-1] else out
 
 
-def softcapped_attention(q, key, value, mask, *, scale: float, cap: float):
-    """Attention whose scores are soft-capped, cap * tanh(scores / cap), before the mask (Gemma 2), which
-    `jax.nn.dot_product_attention` cannot do.
-
-    q (B, T, N, H), key/value (B, S, K, H), mask (B, 1, T, S) bool -> (B, T, N, H). Query head
-    n = k * G + g reads key/value head k (G = N / K), as HF's repeat_kv does. Masked scores get the
-    most negative finite value, not -inf, so a query with no visible key (a left-pad row) stays finite
-    and cannot turn later layers' values into NaN.
-    """
-    b, t, n, h = q.shape
-    k = key.shape[2]
-    q = q.reshape(b, t, k, n // k, h)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, key, preferred_element_type=jnp.float32) * scale
-    scores = cap * jnp.tanh(scores / cap)
-    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)  # mask (B, 1, 1, T, S)
-    probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value)
-    return out.reshape(b, t, n, h)
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, sh: ModelShardings, dtype, rngs, layers=0):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -254,11 +235,14 @@ class Attention(nnx.Module):
         if dtype == jnp.float16 and jax.default_backend() == "cpu":
             dtype = jnp.float32  # XLA:CPU has no fp16 x fp16 -> fp32 dot, which attention's scores use
         q, key, value = q.astype(dtype), key.astype(dtype), value.astype(dtype)
-        if self.softcap:
-            out = softcapped_attention(q, key, value, mask, scale=self.scale, cap=self.softcap)
+        if cache is None and not self.softcap:  # training and scoring; names its output "attention" itself
+            out = attention(q, key, value, mask, self.scale)
         else:
-            out = jax.nn.dot_product_attention(q, key, value, mask=mask, scale=self.scale)
-        out = checkpoint_name(out, "attention")  # kept for the backward pass (SAVE_PRODUCTS)
+            if self.softcap:
+                out = softcapped_attention(q, key, value, mask, scale=self.scale, cap=self.softcap)
+            else:  # generation: XLA's own layout for a query block against the whole cache
+                out = jax.nn.dot_product_attention(q, key, value, mask=mask, scale=self.scale)
+            out = checkpoint_name(out, "attention")  # kept for the backward pass (SAVE_PRODUCTS)
         return self.o(out.astype(q.dtype).reshape(b, t, n * h)), cache
 
 
