@@ -69,8 +69,10 @@ def _backward(scale, residuals, d_out):
     k, t = key.shape[2], q.shape[1]
     d_oh = _heads(d_out, k)
     d_probs = jnp.einsum("bkmh,bkhs->bkms", d_oh, value.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32)
-    # softmax backward: dS = P (dP - rowsum(dP P)), with rowsum(dP P) = rowsum(dO O)
-    d_dot_o = jnp.sum(d_oh.astype(jnp.float32) * _heads(out, k).astype(jnp.float32), axis=-1, keepdims=True)
+    # softmax backward: dS = P (dP - rowsum(dP P)), with rowsum(dP P) = rowsum(dO O), summed in the tokens'
+    # layout (B, T, N) and only then moved to the rows' (B, K, G T, 1)
+    d_dot_o = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    d_dot_o = _heads(d_dot_o, k)
     d_scores = (probs.astype(jnp.float32) * (d_probs - d_dot_o) * scale).astype(q.dtype)
     d_q = jnp.einsum("bkms,bkhs->bkmh", d_scores, key.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32)
     d_key_t = jnp.einsum("bkmh,bkms->bkhs", _heads(q, k), d_scores, preferred_element_type=jnp.float32)
