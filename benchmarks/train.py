@@ -457,7 +457,7 @@ def hlo_ops(hlo: str) -> dict:
 
 _CATEGORIES = [  # (category, pattern on the jax op_name), first match wins
     ("scan: stacked residuals and layer slices", r"dynamic_update_slice|dynamic_slice|^$|broadcast_in_dim$"),
-    ("attention (softmax, mask)", r"vmap|_where|BNTS|BTNH"),
+    ("attention (softmax, mask, head layout)", r"/attention/|vmap|_where|BNTS|BTNH"),
     ("MLP activation", r"silu"),
     ("rotary", r"concatenate|cos|sin|neg$"),
     ("norms", r"rsqrt|integer_pow|reduce_sum|mean|square"),

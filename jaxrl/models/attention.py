@@ -54,31 +54,33 @@ def attention(q, key, value, mask, scale: float):
 
 
 def _forward(q, key, value, mask, scale):
-    k = key.shape[2]
-    probs = jax.nn.softmax(_scores(_heads(q, k), key.transpose(0, 2, 3, 1), mask, scale), axis=-1)
-    probs = probs.astype(value.dtype)
-    out = _tokens(jnp.einsum("bkms,bkhs->bkmh", probs, value.transpose(0, 2, 3, 1)), q.shape[1])
-    # Named so that a block's checkpoint policy (SAVE_PRODUCTS) can keep it; the probabilities are left to
-    # the policy to recompute (the scores product and the softmax, not the output product).
-    out = checkpoint_name(out, "attention")
-    return out, (q, key, value, out, probs)
+    with jax.named_scope("attention"):  # profiles (benchmarks/train.py) find its ops by this name
+        k = key.shape[2]
+        probs = jax.nn.softmax(_scores(_heads(q, k), key.transpose(0, 2, 3, 1), mask, scale), axis=-1)
+        probs = probs.astype(value.dtype)
+        out = _tokens(jnp.einsum("bkms,bkhs->bkmh", probs, value.transpose(0, 2, 3, 1)), q.shape[1])
+        # Named so that a block's checkpoint policy (SAVE_PRODUCTS) can keep it; the probabilities are left to
+        # the policy to recompute (the scores product and the softmax, not the output product).
+        out = checkpoint_name(out, "attention")
+        return out, (q, key, value, out, probs)
 
 
 def _backward(scale, residuals, d_out):
-    q, key, value, out, probs = residuals
-    k, t = key.shape[2], q.shape[1]
-    d_oh = _heads(d_out, k)
-    d_probs = jnp.einsum("bkmh,bkhs->bkms", d_oh, value.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32)
-    # softmax backward: dS = P (dP - rowsum(dP P)), with rowsum(dP P) = rowsum(dO O), summed in the tokens'
-    # layout (B, T, N) and only then moved to the rows' (B, K, G T, 1)
-    d_dot_o = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    d_dot_o = _heads(d_dot_o, k)
-    d_scores = (probs.astype(jnp.float32) * (d_probs - d_dot_o) * scale).astype(q.dtype)
-    d_q = jnp.einsum("bkms,bkhs->bkmh", d_scores, key.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32)
-    d_key_t = jnp.einsum("bkmh,bkms->bkhs", _heads(q, k), d_scores, preferred_element_type=jnp.float32)
-    d_value_t = jnp.einsum("bkmh,bkms->bkhs", d_oh, probs, preferred_element_type=jnp.float32)
-    return (_tokens(d_q, t).astype(q.dtype), d_key_t.transpose(0, 3, 1, 2).astype(key.dtype),
-            d_value_t.transpose(0, 3, 1, 2).astype(value.dtype), None)
+    with jax.named_scope("attention"):  # profiles (benchmarks/train.py) find its ops by this name
+        q, key, value, out, probs = residuals
+        k, t = key.shape[2], q.shape[1]
+        d_oh = _heads(d_out, k)
+        d_probs = jnp.einsum("bkmh,bkhs->bkms", d_oh, value.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32)
+        # softmax backward: dS = P (dP - rowsum(dP P)), with rowsum(dP P) = rowsum(dO O), summed in the tokens'
+        # layout (B, T, N) and only then moved to the rows' (B, K, G T, 1)
+        d_dot_o = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+        d_dot_o = _heads(d_dot_o, k)
+        d_scores = (probs.astype(jnp.float32) * (d_probs - d_dot_o) * scale).astype(q.dtype)
+        d_q = jnp.einsum("bkms,bkhs->bkmh", d_scores, key.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32)
+        d_key_t = jnp.einsum("bkmh,bkms->bkhs", _heads(q, k), d_scores, preferred_element_type=jnp.float32)
+        d_value_t = jnp.einsum("bkmh,bkms->bkhs", d_oh, probs, preferred_element_type=jnp.float32)
+        return (_tokens(d_q, t).astype(q.dtype), d_key_t.transpose(0, 3, 1, 2).astype(key.dtype),
+                d_value_t.transpose(0, 3, 1, 2).astype(value.dtype), None)
 
 
 attention.defvjp(_forward, _backward)
