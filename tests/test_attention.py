@@ -61,7 +61,7 @@ def test_attention_matches_torch_sdpa_and_its_gradients(shape, extra):
         np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
 
 
-def test_a_row_with_no_visible_key_averages_every_value_and_stays_finite():
+def test_a_row_with_no_visible_key_averages_every_value_stays_finite_and_passes_no_query_gradient():
     q, key, value, _, mask, real = _case(2, 10, 4, 2, 8, pad=4)
     out = np.asarray(attention(q, key, value, jnp.asarray(mask), 0.35))
     assert np.isfinite(out).all()
@@ -69,6 +69,15 @@ def test_a_row_with_no_visible_key_averages_every_value_and_stays_finite():
     want = np.asarray(jax.nn.dot_product_attention(q, key, value, mask=jnp.asarray(mask), scale=0.35))
     np.testing.assert_allclose(out, want, atol=2e-6)
     np.testing.assert_allclose(out[0, 0], np.repeat(value[0].mean(axis=0), 2, axis=0), atol=2e-6)
+    # gradients with the pad rows in the loss too: those of autodiff through jax's implementation (the
+    # masked scores get none, so a pad row's query gradient is zero)
+    w = np.random.default_rng(3).normal(size=out.shape).astype(np.float32)
+    grads = jax.grad(lambda *a: jnp.sum(attention(*a, jnp.asarray(mask), 0.35) * w), argnums=(0, 1, 2))(q, key, value)
+    want = jax.grad(lambda *a: jnp.sum(jax.nn.dot_product_attention(*a, mask=jnp.asarray(mask), scale=0.35) * w),
+                    argnums=(0, 1, 2))(q, key, value)
+    assert not np.asarray(grads[0])[0, :4].any()
+    for got, ref in zip(grads, want):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5)
 
 
 def test_bf16_inputs_keep_their_dtype_and_stay_close_to_fp32():

@@ -6,9 +6,9 @@ value uniformly and stays finite instead of turning later layers' values into Na
 
 `attention` is the one the model trains and scores with. Its products are all plain batched matrix
 products over (B, K), with the G query heads of a key head folded into the rows, and its backward pass is
-written out (`jax.custom_vjp`) so that neither the probabilities nor their gradient, the (T, S)-sized
-tensors, is ever transposed or contracted over its rows: the key and value gradients are computed
-transposed, as (H, S) = (H, T) @ (T, S). Autodiff of the same forward (or of
+written out (`jax.custom_vjp`) so that neither the probabilities nor their gradient, the (G T, S)-sized
+tensors, is ever transposed or the transposed left operand of a product: the key and value gradients are
+computed transposed, as (H, S) = (H, G T) @ (G T, S). Autodiff of the same forward (or of
 `jax.nn.dot_product_attention`, which vmaps over G) leaves XLA to pick those layouts, and on XLA:CPU it
 transposed the (T, S) tensors and contracted them over their rows at half the batched-GEMM speed
 (benchmarks/RESULTS.md, issue 19).
@@ -37,13 +37,16 @@ def _tokens(x, t: int):
     return x.reshape(b, k, -1, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, -1, h)
 
 
+def _visible(mask, rows: int):
+    """mask (B, 1, T, S) -> (B, 1, G T, S), the same for each of the G query heads folded into the rows."""
+    b, _, t, s = mask.shape
+    return jnp.broadcast_to(mask[:, :, None], (b, 1, rows // t, t, s)).reshape(b, 1, rows, s)
+
+
 def _scores(qh, key_t, mask, scale: float):
     """Masked fp32 scores (B, K, G T, S) from qh (B, K, G T, H) and key_t (B, K, H, S)."""
-    b, _, t, s = mask.shape
     scores = jnp.einsum("bkmh,bkhs->bkms", qh, key_t, preferred_element_type=jnp.float32) * scale
-    groups = qh.shape[2] // t
-    visible = jnp.broadcast_to(mask[:, :, None], (b, 1, groups, t, s)).reshape(b, 1, groups * t, s)
-    return jnp.where(visible, scores, _MASKED)
+    return jnp.where(_visible(mask, qh.shape[2]), scores, _MASKED)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -60,14 +63,14 @@ def _forward(q, key, value, mask, scale):
         probs = probs.astype(value.dtype)
         out = _tokens(jnp.einsum("bkms,bkhs->bkmh", probs, value.transpose(0, 2, 3, 1)), q.shape[1])
         # Named so that a block's checkpoint policy (SAVE_PRODUCTS) can keep it; the probabilities are left to
-        # the policy to recompute (the scores product and the softmax, not the output product).
+        # the policy to recompute (under SAVE_PRODUCTS the scores product and the softmax, not the output's).
         out = checkpoint_name(out, "attention")
-        return out, (q, key, value, out, probs)
+        return out, (q, key, value, mask, out, probs)
 
 
 def _backward(scale, residuals, d_out):
     with jax.named_scope("attention"):  # profiles (benchmarks/train.py) find its ops by this name
-        q, key, value, out, probs = residuals
+        q, key, value, mask, out, probs = residuals
         k, t = key.shape[2], q.shape[1]
         d_oh = _heads(d_out, k)
         d_probs = jnp.einsum("bkmh,bkhs->bkms", d_oh, value.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32)
@@ -75,7 +78,9 @@ def _backward(scale, residuals, d_out):
         # layout (B, T, N) and only then moved to the rows' (B, K, G T, 1)
         d_dot_o = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
         d_dot_o = _heads(d_dot_o, k)
-        d_scores = (probs.astype(jnp.float32) * (d_probs - d_dot_o) * scale).astype(q.dtype)
+        d_scores = probs.astype(jnp.float32) * (d_probs - d_dot_o) * scale
+        # zero where masked, as the forward's `where` makes it: only a row with no visible key has P > 0 there
+        d_scores = jnp.where(_visible(mask, d_scores.shape[2]), d_scores, 0.0).astype(q.dtype)
         d_q = jnp.einsum("bkms,bkhs->bkmh", d_scores, key.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32)
         d_key_t = jnp.einsum("bkmh,bkms->bkhs", _heads(q, k), d_scores, preferred_element_type=jnp.float32)
         d_value_t = jnp.einsum("bkmh,bkms->bkhs", d_oh, probs, preferred_element_type=jnp.float32)
